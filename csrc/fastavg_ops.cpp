@@ -1,0 +1,210 @@
+// Op schemas, argument checks and the CPU registration; also the Python module fastavg._C.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "fastavg_ops.h"
+
+namespace fastavg {
+namespace {
+
+DType dtype_of(const at::Tensor& param) {
+  switch (param.scalar_type()) {
+    case at::kFloat: return DType::float32;
+    case at::kBFloat16: return DType::bfloat16;
+    case at::kHalf: return DType::float16;
+    default: TORCH_CHECK(false, "fastavg: param must be float32, bfloat16 or float16, got ", param.scalar_type());
+  }
+}
+
+void check_buffer(const at::Tensor& t, const at::Tensor& param, at::ScalarType dtype, const char* name) {
+  TORCH_CHECK(t.device() == param.device(), "fastavg: ", name, " is on ", t.device(), ", param on ", param.device());
+  TORCH_CHECK(t.scalar_type() == dtype, "fastavg: ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous() && t.numel() == param.numel(), "fastavg: ", name,
+              " must be contiguous with as many elements as param (", param.numel(), ")");
+}
+
+const float* scalars(const at::Tensor& t, const at::Tensor& param, int64_t count, const char* name) {
+  TORCH_CHECK(t.device() == param.device() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() >= count,
+              "fastavg: ", name, " must be a contiguous float32 tensor of at least ", count, " value(s) on ",
+              param.device());
+  return t.data_ptr<float>();
+}
+
+StepBuffers param_buffers(at::Tensor& param, const at::Tensor* grad) {
+  dtype_of(param);
+  TORCH_CHECK(param.is_contiguous(), "fastavg: param must be contiguous (a flat buffer)");
+  StepBuffers b;
+  b.numel = param.numel();
+  b.param = param.data_ptr();
+  if (grad != nullptr) {
+    check_buffer(*grad, param, param.scalar_type(), "grad");
+    b.grad = grad->data_ptr();
+  }
+  return b;
+}
+
+void set_optimizer_state(StepBuffers& b, at::TensorList state, const at::Tensor& param, size_t min_size,
+                         size_t max_size) {
+  TORCH_CHECK(state.size() >= min_size && state.size() <= max_size, "fastavg: optimizer_state must hold ",
+              min_size, " to ", max_size, " tensors, got ", state.size());
+  for (size_t i = 0; i < state.size(); ++i) {
+    check_buffer(state[i], param, at::kFloat, "optimizer_state");
+    b.optimizer_state[i] = state[i].data_ptr<float>();
+  }
+}
+
+AverageRule set_average_state(StepBuffers& b, StepConfig& c, at::TensorList state, const at::Tensor& param,
+                              const at::Tensor& weights, int64_t average_rule, double reaction, double inertia,
+                              bool switch_to_average) {
+  TORCH_CHECK(average_rule >= 0 && average_rule <= 3, "fastavg: average_rule must be 0..3, got ", average_rule);
+  const auto rule = static_cast<AverageRule>(average_rule);
+  c.reaction = static_cast<float>(reaction);
+  c.inertia = static_cast<float>(inertia);
+  c.switch_to_average = switch_to_average;
+  size_t expected_min = 0, expected_max = 0;
+  switch (rule) {
+    case AverageRule::none: expected_min = expected_max = switch_to_average ? 1 : 0; break;
+    case AverageRule::ema: expected_min = 1; expected_max = kMaxAverages; break;
+    case AverageRule::belay: expected_min = 1; expected_max = 2; break;
+    case AverageRule::lawa:
+      TORCH_CHECK(!switch_to_average, "fastavg: a LAWA snapshot step cannot also switch");
+      expected_min = expected_max = 2;
+      break;
+  }
+  TORCH_CHECK(state.size() >= expected_min && state.size() <= expected_max, "fastavg: average_state for rule ",
+              average_rule, " must hold ", expected_min, " to ", expected_max, " tensors, got ", state.size());
+  if (rule == AverageRule::lawa) {
+    check_buffer(state[0], param, at::kFloat, "lawa_sum");
+    check_buffer(state[1], param, param.scalar_type(), "lawa_ring_slot");
+    b.lawa_sum = state[0].data_ptr<float>();
+    b.lawa_ring_slot = state[1].data_ptr();
+    return rule;
+  }
+  const size_t num_averages = rule == AverageRule::belay ? 1 : state.size();
+  for (size_t i = 0; i < state.size(); ++i) check_buffer(state[i], param, at::kFloat, "average_state");
+  for (size_t i = 0; i < num_averages; ++i) b.averages[i] = state[i].data_ptr<float>();
+  b.num_averages = static_cast<int>(num_averages);
+  if (rule == AverageRule::belay && state.size() == 2) b.average_velocity = state[1].data_ptr<float>();
+  const int64_t num_weights = rule == AverageRule::none ? 0 : static_cast<int64_t>(num_averages);
+  b.average_weights = scalars(weights, param, num_weights, "average_weights");
+  return rule;
+}
+
+}  // namespace
+
+void adam_step(const Launcher& launch, at::Tensor& param, const at::Tensor& grad, at::TensorList optimizer_state,
+               at::TensorList average_state, const at::Tensor& lr, const at::Tensor& step,
+               const at::Tensor& average_weights, double beta1, double beta2, double eps, double weight_decay,
+               bool decoupled_weight_decay, bool amsgrad, bool maximize, int64_t average_rule, double reaction,
+               double inertia, bool switch_to_average) {
+  StepBuffers b = param_buffers(param, &grad);
+  set_optimizer_state(b, optimizer_state, param, amsgrad ? 3 : 2, amsgrad ? 3 : 2);
+  StepConfig c;
+  c.beta1 = static_cast<float>(beta1);
+  c.beta2 = static_cast<float>(beta2);
+  c.eps = static_cast<float>(eps);
+  c.weight_decay = static_cast<float>(weight_decay);
+  c.decoupled_weight_decay = decoupled_weight_decay;
+  c.amsgrad = amsgrad;
+  c.maximize = maximize;
+  const AverageRule rule = set_average_state(b, c, average_state, param, average_weights, average_rule, reaction,
+                                             inertia, switch_to_average);
+  b.lr = scalars(lr, param, 1, "lr");
+  b.step = scalars(step, param, 1, "step");
+  launch(Optimizer::adam, rule, dtype_of(param), b, c);
+}
+
+void sgd_step(const Launcher& launch, at::Tensor& param, const at::Tensor& grad, at::TensorList optimizer_state,
+              at::TensorList average_state, const at::Tensor& lr, const at::Tensor& step,
+              const at::Tensor& average_weights, double momentum, double dampening, double weight_decay,
+              bool nesterov, bool maximize, bool heavy_ball, int64_t average_rule, double reaction, double inertia,
+              bool switch_to_average) {
+  StepBuffers b = param_buffers(param, &grad);
+  set_optimizer_state(b, optimizer_state, param, 0, 1);
+  TORCH_CHECK((momentum != 0) == (optimizer_state.size() == 1),
+              "fastavg: optimizer_state must hold the momentum buffer exactly when momentum != 0");
+  StepConfig c;
+  c.momentum = static_cast<float>(momentum);
+  c.dampening = static_cast<float>(dampening);
+  c.weight_decay = static_cast<float>(weight_decay);
+  c.nesterov = nesterov;
+  c.maximize = maximize;
+  const AverageRule rule = set_average_state(b, c, average_state, param, average_weights, average_rule, reaction,
+                                             inertia, switch_to_average);
+  b.lr = scalars(lr, param, 1, "lr");
+  b.step = scalars(step, param, 1, "step");
+  launch(heavy_ball ? Optimizer::sgd_heavy_ball : Optimizer::sgd_torch, rule, dtype_of(param), b, c);
+}
+
+void average(const Launcher& launch, at::Tensor& param, at::TensorList average_state,
+             const at::Tensor& average_weights, int64_t average_rule, double reaction, double inertia,
+             bool switch_to_average) {
+  StepBuffers b = param_buffers(param, nullptr);
+  StepConfig c;
+  const AverageRule rule = set_average_state(b, c, average_state, param, average_weights, average_rule, reaction,
+                                             inertia, switch_to_average);
+  launch(Optimizer::none, rule, dtype_of(param), b, c);
+}
+
+}  // namespace fastavg
+
+TORCH_LIBRARY(fastavg, m) {
+  m.def(
+      "adam_step_(Tensor(a!) param, Tensor grad, Tensor(b!)[] optimizer_state, Tensor(c!)[] average_state, "
+      "Tensor lr, Tensor step, Tensor average_weights, float beta1, float beta2, float eps, float weight_decay, "
+      "bool decoupled_weight_decay, bool amsgrad, bool maximize, int average_rule, float reaction, float inertia, "
+      "bool switch_to_average) -> ()");
+  m.def(
+      "sgd_step_(Tensor(a!) param, Tensor grad, Tensor(b!)[] optimizer_state, Tensor(c!)[] average_state, "
+      "Tensor lr, Tensor step, Tensor average_weights, float momentum, float dampening, float weight_decay, "
+      "bool nesterov, bool maximize, bool heavy_ball, int average_rule, float reaction, float inertia, "
+      "bool switch_to_average) -> ()");
+  m.def(
+      "average_(Tensor(a!) param, Tensor(c!)[] average_state, Tensor average_weights, int average_rule, "
+      "float reaction, float inertia, bool switch_to_average) -> ()");
+}
+
+namespace {
+
+void launch_cpu(fastavg::Optimizer o, fastavg::AverageRule r, fastavg::DType d, const fastavg::StepBuffers& b,
+                const fastavg::StepConfig& c) {
+  fastavg::step_cpu(o, r, d, b, c);
+}
+
+void adam_step_cpu(at::Tensor& param, const at::Tensor& grad, at::TensorList optimizer_state,
+                   at::TensorList average_state, const at::Tensor& lr, const at::Tensor& step,
+                   const at::Tensor& average_weights, double beta1, double beta2, double eps, double weight_decay,
+                   bool decoupled_weight_decay, bool amsgrad, bool maximize, int64_t average_rule, double reaction,
+                   double inertia, bool switch_to_average) {
+  fastavg::adam_step(launch_cpu, param, grad, optimizer_state, average_state, lr, step, average_weights, beta1, beta2,
+                     eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, average_rule, reaction, inertia,
+                     switch_to_average);
+}
+
+void sgd_step_cpu(at::Tensor& param, const at::Tensor& grad, at::TensorList optimizer_state,
+                  at::TensorList average_state, const at::Tensor& lr, const at::Tensor& step,
+                  const at::Tensor& average_weights, double momentum, double dampening, double weight_decay,
+                  bool nesterov, bool maximize, bool heavy_ball, int64_t average_rule, double reaction, double inertia,
+                  bool switch_to_average) {
+  fastavg::sgd_step(launch_cpu, param, grad, optimizer_state, average_state, lr, step, average_weights, momentum,
+                    dampening, weight_decay, nesterov, maximize, heavy_ball, average_rule, reaction, inertia,
+                    switch_to_average);
+}
+
+void average_cpu(at::Tensor& param, at::TensorList average_state, const at::Tensor& average_weights,
+                 int64_t average_rule, double reaction, double inertia, bool switch_to_average) {
+  fastavg::average(launch_cpu, param, average_state, average_weights, average_rule, reaction, inertia,
+                   switch_to_average);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastavg, CPU, m) {
+  m.impl("adam_step_", adam_step_cpu);
+  m.impl("sgd_step_", sgd_step_cpu);
+  m.impl("average_", average_cpu);
+}
+
+static PyModuleDef fastavg_module = {PyModuleDef_HEAD_INIT, "_C", "fastavg's compiled kernels (registered as torch.ops.fastavg)", -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&fastavg_module); }

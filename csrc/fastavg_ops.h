@@ -1,0 +1,31 @@
+// The fastavg ops on at::Tensor arguments: checks, then a device's launcher on raw pointers.
+// Shared by the CPU registration (fastavg_ops.cpp) and the CUDA one.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <functional>
+
+#include "fastavg_step.h"
+
+namespace fastavg {
+
+using Launcher = std::function<void(Optimizer, AverageRule, DType, const StepBuffers&, const StepConfig&)>;
+
+void adam_step(const Launcher& launch, at::Tensor& param, const at::Tensor& grad, at::TensorList optimizer_state,
+               at::TensorList average_state, const at::Tensor& lr, const at::Tensor& step,
+               const at::Tensor& average_weights, double beta1, double beta2, double eps, double weight_decay,
+               bool decoupled_weight_decay, bool amsgrad, bool maximize, int64_t average_rule, double reaction,
+               double inertia, bool switch_to_average);
+
+void sgd_step(const Launcher& launch, at::Tensor& param, const at::Tensor& grad, at::TensorList optimizer_state,
+              at::TensorList average_state, const at::Tensor& lr, const at::Tensor& step,
+              const at::Tensor& average_weights, double momentum, double dampening, double weight_decay,
+              bool nesterov, bool maximize, bool heavy_ball, int64_t average_rule, double reaction, double inertia,
+              bool switch_to_average);
+
+void average(const Launcher& launch, at::Tensor& param, at::TensorList average_state,
+             const at::Tensor& average_weights, int64_t average_rule, double reaction, double inertia,
+             bool switch_to_average);
+
+}  // namespace fastavg
