@@ -113,19 +113,38 @@ def round_to(work: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return work if work.dtype == dtype else work.to(dtype).to(work.dtype)
 
 
-def apply_average_plan(plan: AveragePlan, work, averages, velocity, lawa_sum, lawa_ring, *, reaction,
-                       inertia, param_dtype):
-    """Run one step's averaging on θ (``work``, compute dtype, already rounded); returns the new θ."""
+def average_state(plan: AveragePlan, buffers: dict) -> list:
+    """The buffers one step's averaging touches, in the order the ops take them.
+
+    ``buffers`` maps the state names (``average_0`` …, ``average_velocity``, ``lawa_sum``, ``lawa_ring``)
+    to tensors: a parameter's state, or a flat bucket's buffers.
+    """
+    if plan.rule == RULE_LAWA:
+        return [buffers["lawa_sum"], buffers["lawa_ring"][plan.lawa_slot]]
     if plan.rule == RULE_EMA:
-        for average, weight in zip(averages, plan.weights):
+        return [buffers[f"average_{k}"] for k in range(len(plan.weights))]
+    if plan.rule == RULE_BELAY:
+        velocity = buffers.get("average_velocity")
+        return [buffers["average_0"]] + ([velocity] if velocity is not None else [])
+    return [buffers["average_0"]] if plan.switch else []
+
+
+def apply_average(work, rule, average_state, weights, *, reaction, inertia, switch_to_average, param_dtype):
+    """Run one step's averaging on θ (``work``, compute dtype, already rounded); returns the new θ.
+
+    ``average_state`` is what :func:`average_state` returns; ``weights`` the plan's weights.
+    """
+    if rule == RULE_EMA:
+        for average, weight in zip(average_state, weights):
             ema_rule(average, work, weight)
-    elif plan.rule == RULE_BELAY:
-        belay_rule(work, averages[0], velocity, weight=plan.weights[0], reaction=reaction, inertia=inertia)
+    elif rule == RULE_BELAY:
+        velocity = average_state[1] if len(average_state) > 1 else None
+        belay_rule(work, average_state[0], velocity, weight=weights[0], reaction=reaction, inertia=inertia)
         work = round_to(work, param_dtype)
-    elif plan.rule == RULE_LAWA:
-        lawa_rule(work, lawa_sum, lawa_ring[plan.lawa_slot])
-    if plan.switch:
-        switch_rule(work, averages[0])
+    elif rule == RULE_LAWA:
+        lawa_rule(work, average_state[0], average_state[1])
+    if switch_to_average:
+        switch_rule(work, average_state[0])
         work = round_to(work, param_dtype)
     return work
 
@@ -200,11 +219,8 @@ class _ReferenceOptimizer(AveragingOptimizer):
                     state["step"] += 1
                     self._update(work, p.grad.detach().to(dtype), state, group)
                     work = round_to(work, p.dtype)
-                averages = [state[f"average_{k}"] for k in range(self.average.num_averages)] if self.average else []
-                work = apply_average_plan(
-                    plan, work, averages, state.get("average_velocity"), state.get("lawa_sum"),
-                    state.get("lawa_ring"), param_dtype=p.dtype, **kwargs,
-                )
+                work = apply_average(work, plan.rule, average_state(plan, state), plan.weights,
+                                     switch_to_average=plan.switch, param_dtype=p.dtype, **kwargs)
                 p.copy_(work)
         return loss
 

@@ -1,0 +1,162 @@
+"""Which kernels run a bucket's step: ``reference`` (pure torch), ``cpu`` and ``cuda`` (the compiled
+extension ``fastavg._C``), ``triton``. Every backend exposes the three ops with one signature:
+
+``adam_step_(param, grad, optimizer_state, average_state, lr, step, average_weights, beta1, beta2, eps,
+weight_decay, decoupled_weight_decay, amsgrad, maximize, average_rule, reaction, inertia, switch_to_average)``
+
+``sgd_step_(param, grad, optimizer_state, average_state, lr, step, average_weights, momentum, dampening,
+weight_decay, nesterov, maximize, heavy_ball, average_rule, reaction, inertia, switch_to_average)``
+
+``average_(param, average_state, average_weights, average_rule, reaction, inertia, switch_to_average)``
+
+``param``/``grad`` are flat buffers of the parameter dtype; ``optimizer_state`` lists fp32 buffers (Adam:
+exp_avg, exp_avg_sq[, max_exp_avg_sq]; SGD: [momentum_buffer] when momentum != 0); ``average_state`` is
+:func:`fastavg.reference.average_state`'s list; ``lr``, ``step`` and ``average_weights`` are fp32 tensors
+in the buffers' memory, read by the kernels.
+"""
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import torch
+
+from . import reference
+from ._common import BACKENDS
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _reference_adam_step_(param, grad, optimizer_state, average_state, lr, step, average_weights, beta1, beta2,
+                          eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, average_rule, reaction,
+                          inertia, switch_to_average):
+    dtype = optimizer_state[0].dtype
+    work = param.to(dtype, copy=True)
+    reference.adam_rule(work, grad.to(dtype), optimizer_state[0], optimizer_state[1],
+                        optimizer_state[2] if amsgrad else None, lr=float(lr), step=float(step), beta1=beta1,
+                        beta2=beta2, eps=eps, weight_decay=weight_decay,
+                        decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad, maximize=maximize)
+    _reference_average(param, reference.round_to(work, param.dtype), average_state, average_weights, average_rule,
+                       reaction, inertia, switch_to_average)
+
+
+def _reference_sgd_step_(param, grad, optimizer_state, average_state, lr, step, average_weights, momentum,
+                         dampening, weight_decay, nesterov, maximize, heavy_ball, average_rule, reaction, inertia,
+                         switch_to_average):
+    dtype = reference.compute_dtype(param.dtype)
+    work = param.to(dtype, copy=True)
+    buffer = optimizer_state[0] if optimizer_state else None
+    if heavy_ball:
+        reference.sgd_heavy_ball_rule(work, grad.to(dtype), buffer, lr=float(lr), momentum=momentum,
+                                      weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
+    else:
+        reference.sgd_torch_rule(work, grad.to(dtype), buffer, lr=float(lr), momentum=momentum, dampening=dampening,
+                                 weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
+                                 first_step=float(step) == 1)
+    _reference_average(param, reference.round_to(work, param.dtype), average_state, average_weights, average_rule,
+                       reaction, inertia, switch_to_average)
+
+
+def _reference_average_(param, average_state, average_weights, average_rule, reaction, inertia, switch_to_average):
+    work = param.to(reference.compute_dtype(param.dtype), copy=True)
+    _reference_average(param, work, average_state, average_weights, average_rule, reaction, inertia,
+                       switch_to_average)
+
+
+def _reference_average(param, work, average_state, average_weights, average_rule, reaction, inertia,
+                       switch_to_average):
+    weights = average_weights.tolist() if average_state else []
+    work = reference.apply_average(work, average_rule, average_state, weights, reaction=reaction, inertia=inertia,
+                                   switch_to_average=switch_to_average, param_dtype=param.dtype)
+    param.copy_(work)
+
+
+REFERENCE = SimpleNamespace(name="reference", adam_step_=_reference_adam_step_, sgd_step_=_reference_sgd_step_,
+                            average_=_reference_average_)
+
+
+def _load_extension():
+    try:
+        from . import _C  # noqa: F401  (registers torch.ops.fastavg)
+    except ImportError as error:
+        return None, f"the C++ extension fastavg._C is not built ({error}); reinstall with a compiler and torch present"
+    ops = torch.ops.fastavg
+    return SimpleNamespace(adam_step_=ops.adam_step_, sgd_step_=ops.sgd_step_, average_=ops.average_), ""
+
+
+_EXTENSION, _EXTENSION_REASON = _load_extension()
+
+
+def _extension_backend(name: str, dispatch_key: str):
+    if _EXTENSION is None:
+        return None, _EXTENSION_REASON
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("fastavg::adam_step_", dispatch_key):
+        return None, f"fastavg._C was built without {dispatch_key} kernels"
+    return SimpleNamespace(name=name, **vars(_EXTENSION)), ""
+
+
+def _triton_backend():
+    try:
+        from . import _triton
+    except ImportError as error:
+        return None, f"Triton is not importable ({error})"
+    return _triton.backend()
+
+
+def _status() -> dict:
+    cpu, cpu_reason = _extension_backend("cpu", "CPU")
+    cuda, cuda_reason = _extension_backend("cuda", "CUDA")
+    if cuda is not None and not torch.cuda.is_available():
+        cuda, cuda_reason = None, "no CUDA device is visible"
+    triton, triton_reason = _triton_backend()
+    return {
+        "reference": (REFERENCE, ""),
+        "cpu": (cpu, cpu_reason),
+        "cuda": (cuda, cuda_reason),
+        "triton": (triton, triton_reason),
+    }
+
+
+def status() -> dict[str, str]:
+    """Each backend's name mapped to '' when it is available, else why it is not."""
+    return {name: reason for name, (_, reason) in _status().items()}
+
+
+def default_request(backend) -> str:
+    request = backend if backend is not None else os.environ.get("FASTAVG_BACKEND", "auto")
+    if request not in BACKENDS:
+        source = "backend" if backend is not None else "FASTAVG_BACKEND"
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {request!r}")
+    return request
+
+
+def resolve(request: str, device: torch.device, dtype: torch.dtype):
+    """The backend that runs buckets of (device, dtype); raises if an explicit request cannot."""
+    backends = _status()
+    if request == "auto":
+        order = ("triton", "cuda", "reference") if device.type == "cuda" else ("cpu", "reference")
+        for name in order:
+            backend, _ = backends[name]
+            if backend is not None and (name == "reference" or dtype in KERNEL_DTYPES) and _serves(name, device):
+                return backend
+        return REFERENCE
+    backend, reason = backends[request]
+    if backend is None:
+        raise RuntimeError(f"backend={request!r} is unavailable: {reason}; use backend='auto' or 'reference'")
+    if request != "reference":
+        if dtype not in KERNEL_DTYPES:
+            raise ValueError(f"backend={request!r} supports float32, bfloat16 and float16 parameters, got {dtype}; "
+                             "use backend='reference' for other dtypes")
+        if not _serves(request, device):
+            raise RuntimeError(f"backend={request!r} cannot run parameters on {device}")
+    return backend
+
+
+def _serves(name: str, device: torch.device) -> bool:
+    if name == "reference":
+        return True
+    if name == "cpu":
+        return device.type == "cpu"
+    if name == "cuda":
+        return device.type == "cuda"
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")

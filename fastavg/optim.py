@@ -1,0 +1,204 @@
+"""The fused optimizers: one kernel launch per flat buffer does the optimizer step and the averaging.
+
+``fastavg.SGD``, ``fastavg.Adam`` and ``fastavg.AdamW`` take the same arguments as their twins in
+:mod:`fastavg.reference` (the spec), plus ``backend``. Differences from ``torch.optim`` a user sees:
+
+- parameters are moved into flat buffers when the optimizer is built (``p.data`` becomes a view);
+- ``zero_grad()`` defaults to ``set_to_none=False``: it zeroes the gradient buffer in one call and keeps
+  ``p.grad`` a view of it, so that backward accumulates straight into the flat buffer;
+- optimizer state is fp32 for fp32, bf16 and fp16 parameters (torch keeps it in the parameter dtype).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _backends
+from ._common import AveragingOptimizer, check_adam_group, check_sgd_group
+from .averaging import LAWA, RULE_NONE, AveragePlan
+from .buffers import Bucket
+from .reference import average_kwargs, average_state
+
+__all__ = ["SGD", "Adam", "AdamW"]
+
+_NO_PLAN = AveragePlan()
+
+
+class _FusedOptimizer(AveragingOptimizer):
+    def __init__(self, params, defaults, average, backend):
+        self._backend_request = _backends.default_request(backend)
+        self._buckets: list[list[Bucket]] = []
+        super().__init__(params, defaults, average, backend)
+        self._weights_cpu = torch.zeros(max(self.average.num_averages if self.average else 0, 1))
+
+    def _optimizer_state(self, group: dict) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def _init_group_state(self, group: dict) -> None:
+        by_key: dict = {}
+        for p in group["params"]:
+            by_key.setdefault((p.device, p.dtype), []).append(p)
+        backends = {key: _backends.resolve(self._backend_request, *key) for key in by_key}
+        buckets = []
+        for key, params in by_key.items():
+            bucket = Bucket(params, self._optimizer_state(group), self.average, self.state, len(self.param_groups))
+            bucket.backend = backends[key]
+            bucket.lr = torch.zeros(1) if bucket.device.type == "cpu" else None
+            buckets.append(bucket)
+        self._buckets.append(buckets)
+
+    def backends(self) -> list[str]:
+        """The backend running each bucket (one per param group, device and dtype), in order."""
+        return [bucket.backend.name for buckets in self._buckets for bucket in buckets]
+
+    def _all_buckets(self):
+        return [bucket for buckets in self._buckets for bucket in buckets]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One fused optimizer step and averaging; see :mod:`fastavg.reference` for the exact order."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_all_groups()
+        inspected = [bucket.inspect() for bucket in self._all_buckets()]
+        self._average_step += 1
+        plan = self.average.plan(self._average_step) if self.average is not None else _NO_PLAN
+        if plan.rule != RULE_NONE:
+            for k, weight in enumerate(plan.weights):
+                self._weights_cpu[k] = weight
+        inspected = iter(inspected)
+        for group, buckets in zip(self.param_groups, self._buckets):
+            for name in self._optimizer_state(group):
+                for bucket in buckets:
+                    if name not in bucket.buffers:
+                        bucket.add_buffer(name, self.state)
+            for bucket in buckets:
+                has_grad, fixups = next(inspected)
+                bucket.gather(fixups)
+                for run in bucket.runs_and_advance(has_grad):
+                    self._launch(group, bucket, plan, *run)
+        return loss
+
+    def _scalars(self, bucket: Bucket, lr: float, first: int, plan: AveragePlan):
+        """lr, step and averaging weights as fp32 tensors in the bucket's memory."""
+        if bucket.device.type == "cpu":
+            bucket.lr.fill_(lr)
+            return bucket.lr, bucket.steps[first:first + 1], self._weights_cpu
+        values = torch.tensor([lr, float(bucket.steps[first]), *plan.weights], dtype=torch.float32,
+                              device=bucket.device)
+        return values[0:1], values[1:2], values[2:]
+
+    def _launch(self, group, bucket: Bucket, plan: AveragePlan, begin: int, end: int, has_grad: bool, first: int):
+        whole = begin == 0 and end == bucket.numel
+
+        def part(t):
+            return t if whole else t[begin:end]
+
+        averages = [part(t) for t in average_state(plan, bucket.buffers)]
+        kwargs = average_kwargs(self.average)
+        if has_grad:
+            lr, step, weights = self._scalars(bucket, float(group["lr"]), first, plan)
+            state = [part(bucket.buffers[name]) for name in self._optimizer_state(group)]
+            self._fused_step(bucket.backend, group, part(bucket.data), part(bucket.grad), state, averages, lr, step,
+                             weights, plan.rule, kwargs["reaction"], kwargs["inertia"], plan.switch)
+        elif plan.rule != RULE_NONE or plan.switch:
+            _, _, weights = self._scalars(bucket, 0.0, first, plan)
+            bucket.backend.average_(part(bucket.data), averages, weights, plan.rule, kwargs["reaction"],
+                                    kwargs["inertia"], plan.switch)
+
+    def _fused_step(self, backend, group, data, grad, state, averages, lr, step, weights, rule, reaction, inertia,
+                    switch):
+        raise NotImplementedError
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        """Zero every gradient buffer in one call per bucket, keeping ``p.grad`` views of it.
+
+        ``set_to_none=True`` sets the gradients to None as torch does; the next step then copies the
+        gradients that backward allocates into the flat buffers.
+        """
+        for bucket in self._all_buckets():
+            bucket.zero_grad(set_to_none)
+
+    # Whole-bucket versions of the averaging API: one copy per bucket instead of one per parameter.
+    def _save_weights(self):
+        buckets = self._all_buckets()
+        for bucket in buckets:
+            bucket.gather(bucket.inspect()[1])
+        return [bucket.data.clone() for bucket in buckets]
+
+    def _restore_weights(self, raw) -> None:
+        for bucket, saved in zip(self._all_buckets(), raw):
+            bucket.data.copy_(saved)
+
+    def _load_average(self, index: int) -> None:
+        for bucket in self._all_buckets():
+            bucket.gather(bucket.inspect()[1])
+            if isinstance(self.average, LAWA):
+                count = min(self.average.snapshot_count(self._average_step), self.average.k)
+                if count:
+                    bucket.data.copy_(bucket.buffers["lawa_sum"] / count)
+            else:
+                bucket.data.copy_(bucket.buffers[f"average_{index}"])
+
+    def _after_load(self) -> None:
+        for bucket in self._all_buckets():
+            bucket.refresh_steps()
+
+
+class SGD(_FusedOptimizer):
+    """Fused SGD; ``momentum_style="torch"`` is exactly ``torch.optim.SGD``, ``"heavy_ball"`` Polyak's form."""
+
+    _check_group = staticmethod(check_sgd_group)
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
+                 maximize=False, momentum_style="torch", average=None, backend=None):
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, maximize=maximize, momentum_style=momentum_style)
+        check_sgd_group(defaults)
+        super().__init__(params, defaults, average, backend)
+
+    def _optimizer_state(self, group):
+        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+
+    def _fused_step(self, backend, group, data, grad, state, averages, lr, step, weights, rule, reaction, inertia,
+                    switch):
+        backend.sgd_step_(data, grad, state, averages, lr, step, weights, float(group["momentum"]),
+                          float(group["dampening"]), float(group["weight_decay"]), bool(group["nesterov"]),
+                          bool(group["maximize"]), group["momentum_style"] == "heavy_ball", rule, reaction, inertia,
+                          switch)
+
+
+class Adam(_FusedOptimizer):
+    """Fused Adam (L2 weight decay), exactly ``torch.optim.Adam`` including amsgrad and maximize."""
+
+    _check_group = staticmethod(check_adam_group)
+    _decoupled_weight_decay = False
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, *,
+                 maximize=False, average=None, backend=None):
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
+                        weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
+        check_adam_group(defaults)
+        super().__init__(params, defaults, average, backend)
+
+    def _optimizer_state(self, group):
+        return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
+
+    def _fused_step(self, backend, group, data, grad, state, averages, lr, step, weights, rule, reaction, inertia,
+                    switch):
+        beta1, beta2 = group["betas"]
+        backend.adam_step_(data, grad, state, averages, lr, step, weights, float(beta1), float(beta2),
+                           float(group["eps"]), float(group["weight_decay"]), self._decoupled_weight_decay,
+                           bool(group["amsgrad"]), bool(group["maximize"]), rule, reaction, inertia, switch)
+
+
+class AdamW(Adam):
+    """Fused AdamW (decoupled weight decay), exactly ``torch.optim.AdamW``."""
+
+    _decoupled_weight_decay = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+                 maximize=False, average=None, backend=None):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, average=average,
+                         backend=backend)
