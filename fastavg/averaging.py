@@ -19,6 +19,9 @@ RULE_EMA = 1
 RULE_BELAY = 2
 RULE_LAWA = 3
 
+# One read of θ feeds at most this many EMAs (kMaxAverages in the kernels).
+MAX_AVERAGES = 8
+
 
 @dataclass(frozen=True)
 class AveragePlan:
@@ -94,8 +97,8 @@ class EMA(_Averager):
     def __init__(self, decay=0.999, *, warmup=None, start=0, every=1, inv_gamma=1.0, power=2 / 3,
                  min_decay=0.0):
         decays = tuple(decay) if isinstance(decay, (tuple, list)) else (decay,)
-        if not decays:
-            raise ValueError("decay must be a float or a non-empty tuple of floats")
+        if not 1 <= len(decays) <= MAX_AVERAGES:
+            raise ValueError(f"decay must be a float or a tuple of 1 to {MAX_AVERAGES} floats, got {len(decays)}")
         self.decay = tuple(_check_decay("decay", d) for d in decays)
         if warmup not in (None, "tf", "power"):
             raise ValueError(f"warmup must be None, 'tf' or 'power', got {warmup!r}")

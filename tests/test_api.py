@@ -1,0 +1,124 @@
+"""The public API around the step: averages, swap, switch, schedulers, param groups, the CLI."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastavg
+from fastavg import reference
+
+from helpers import assert_close, make_params, set_grads
+
+
+@pytest.fixture(params=[fastavg, reference], ids=["fused", "reference"])
+def impl(request):
+    return request.param
+
+
+def test_public_names_match_reference():
+    import inspect
+
+    for name in ("SGD", "Adam", "AdamW"):
+        assert inspect.signature(getattr(fastavg, name)) == inspect.signature(getattr(reference, name))
+    for name in ("EMA", "BELAY", "SWA", "LAWA", "SEMA"):
+        assert getattr(fastavg, name) is getattr(reference, name)
+
+
+def test_swap_average_restores_raw_weights_even_when_the_block_raises(impl):
+    params = make_params("many", torch.bfloat16)[:30]
+    opt = impl.AdamW(params, lr=0.1, average=fastavg.EMA((0.5, 0.9)))
+    for step in range(3):
+        set_grads(params, step)
+        opt.step()
+    raw = [p.detach().clone() for p in params]
+    with pytest.raises(KeyError):
+        with opt.swap_average(1):
+            for p, e in zip(params, opt.averaged_parameters(1)):
+                assert torch.equal(p.detach(), e.to(p.dtype))
+            raise KeyError("evaluation failed")
+    for p, r in zip(params, raw):
+        assert torch.equal(p.detach(), r)
+
+
+def test_averaged_parameters_are_live_views(impl):
+    params = make_params(7, torch.float32)
+    opt = impl.SGD(params, lr=0.1, average=fastavg.EMA(0.5))
+    (average,) = opt.averaged_parameters()
+    assert average.shape == params[0].shape and average.dtype == torch.float32
+    before = average.clone()
+    set_grads(params, 0)
+    opt.step()
+    assert not torch.equal(average, before)
+
+
+def test_switch_to_average_on_demand_keeps_average_and_state(impl):
+    params = make_params(9, torch.float32)
+    opt = impl.AdamW(params, lr=0.1, average=fastavg.EMA(0.9))
+    for step in range(3):
+        set_grads(params, step)
+        opt.step()
+    state = {k: v.clone() for k, v in opt.state[params[0]].items()}
+    opt.switch_to_average()
+    assert torch.equal(params[0].detach(), opt.averaged_parameters()[0])
+    for k, v in state.items():
+        assert torch.equal(opt.state[params[0]][k], v)
+
+
+def test_lawa_swap_before_and_after_first_snapshot(impl):
+    params = make_params(9, torch.float32)
+    opt = impl.SGD(params, lr=0.1, average=fastavg.LAWA(2, every=2))
+    set_grads(params, 0)
+    opt.step()
+    raw = params[0].detach().clone()
+    with opt.swap_average():
+        assert torch.equal(params[0].detach(), raw)
+    snapshots = []
+    for step in range(1, 6):
+        set_grads(params, step)
+        opt.step()
+        if (step + 1) % 2 == 0:
+            snapshots.append(params[0].detach().clone())
+    with opt.swap_average():
+        assert_close(params[0].detach(), torch.stack(snapshots[-2:]).mean(0), torch.float32)
+
+
+def test_param_groups_with_different_hyperparameters_and_scheduler(impl):
+    a, b = make_params(7, torch.float32), make_params(5, torch.float32, seed=1)
+    ta, tb = make_params(7, torch.float32), make_params(5, torch.float32, seed=1)
+    opt = impl.SGD([{"params": a}, {"params": b, "lr": 0.5, "momentum": 0.5, "nesterov": True}], lr=0.1,
+                   momentum=0.9, weight_decay=0.01)
+    ref = torch.optim.SGD([{"params": ta}, {"params": tb, "lr": 0.5, "momentum": 0.5, "nesterov": True}], lr=0.1,
+                          momentum=0.9, weight_decay=0.01)
+    schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=5) for o in (opt, ref)]
+    for step in range(6):
+        set_grads(a + b, step)
+        set_grads(ta + tb, step)
+        opt.step()
+        ref.step()
+        for s in schedulers:
+            s.step()
+    for p, q in zip(a + b, ta + tb):
+        assert_close(p.detach(), q.detach(), torch.float32)
+
+
+def test_closure_is_called_with_grad_enabled(impl):
+    model = torch.nn.Linear(3, 1)
+    opt = impl.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(4, 3)
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert loss.requires_grad
+
+
+def test_cli_reports_backends():
+    out = subprocess.run([sys.executable, "-m", "fastavg"], capture_output=True, text=True, check=True).stdout
+    for name in ("reference", "cpu", "cuda", "triton"):
+        assert name in out
+    assert "available" in out
