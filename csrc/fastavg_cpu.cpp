@@ -23,13 +23,16 @@ inline float round_to(float x) {
 }
 
 template <Optimizer O, AverageRule R, typename T>
-void step_kernel(const StepBuffers& b, const StepConfig& c) {
-  const StepScalars s = O == Optimizer::none ? StepScalars{} : step_scalars(*b.lr, *b.step, c);
+void step_kernel(const StepBuffers& b, const StepConfig& config) {
+  const StepScalars scalars = O == Optimizer::none ? StepScalars{} : step_scalars(*b.lr, *b.step, config);
   float weights[kMaxAverages] = {};
   const int num_weights = R == AverageRule::ema ? b.num_averages : (R == AverageRule::belay ? 1 : 0);
   for (int k = 0; k < num_weights; ++k) weights[k] = b.average_weights[k];
 
   at::parallel_for(0, b.numel, kGrain, [&](int64_t begin, int64_t end) {
+    // Private copies: stores through the buffer pointers cannot alias them, so they stay in registers.
+    const StepConfig c = config;
+    const StepScalars s = scalars;
     alignas(64) float theta[kChunk];
     for (int64_t start = begin; start < end; start += kChunk) {
       const int64_t n = std::min(kChunk, end - start);
@@ -43,7 +46,7 @@ void step_kernel(const StepBuffers& b, const StepConfig& c) {
         if constexpr (O == Optimizer::adam) {
           float* __restrict exp_avg_sq = b.optimizer_state[1] + start;
           float* __restrict max_exp_avg_sq = b.optimizer_state[2] ? b.optimizer_state[2] + start : nullptr;
-          if (c.amsgrad) {
+          if (max_exp_avg_sq != nullptr) {
             for (int64_t i = 0; i < n; ++i) {
               theta[i] = round_to<T>(adam_rule(static_cast<float>(param[i]), static_cast<float>(grad[i]),
                                                state0 + i, exp_avg_sq + i, max_exp_avg_sq + i, c, s));

@@ -60,11 +60,15 @@ FASTAVG_HD float ema_rule(float average, float param, float weight) {
   return weight < 0.5f ? average + weight * diff : param - diff * (1.f - weight);
 }
 
+// The rules are written as selects on runtime flags, with stores decided only by which buffers are
+// passed (nullptr or not), so that once inlined into a loop with fixed buffers they have no branches
+// and the CPU loop vectorizes.
+
 // torch.optim.SGD: d = ±g + λθ; b ← d on the first step, else μb + (1−τ)d; θ ← θ − η(d + μb | b).
 FASTAVG_HD float sgd_torch_rule(float param, float grad, float* momentum_buffer, const StepConfig& c,
                                 const StepScalars& s) {
   float d = c.maximize ? -grad : grad;
-  if (c.weight_decay != 0.f) d += c.weight_decay * param;
+  d = c.weight_decay != 0.f ? d + c.weight_decay * param : d;
   if (momentum_buffer != nullptr) {
     const float b = s.first_step ? d : c.momentum * *momentum_buffer + (1.f - c.dampening) * d;
     *momentum_buffer = b;
@@ -77,30 +81,27 @@ FASTAVG_HD float sgd_torch_rule(float param, float grad, float* momentum_buffer,
 FASTAVG_HD float sgd_heavy_ball_rule(float param, float grad, float* velocity, const StepConfig& c,
                                      const StepScalars& s) {
   float d = c.maximize ? -grad : grad;
-  if (c.weight_decay != 0.f) d += c.weight_decay * param;
+  d = c.weight_decay != 0.f ? d + c.weight_decay * param : d;
   if (velocity == nullptr) return param - s.lr * d;
   const float v = c.momentum * *velocity - s.lr * d;
   *velocity = v;
   return c.nesterov ? param + c.momentum * v - s.lr * d : param + v;
 }
 
-// torch.optim.Adam (L2) / AdamW (decoupled), in torch's order of operations.
+// torch.optim.Adam (L2) / AdamW (decoupled), in torch's order of operations. amsgrad is on exactly
+// when max_exp_avg_sq is passed.
 FASTAVG_HD float adam_rule(float param, float grad, float* exp_avg, float* exp_avg_sq, float* max_exp_avg_sq,
                            const StepConfig& c, const StepScalars& s) {
   float g = c.maximize ? -grad : grad;
-  if (c.weight_decay != 0.f) {
-    if (c.decoupled_weight_decay) {
-      param *= 1.f - s.lr * c.weight_decay;
-    } else {
-      g += c.weight_decay * param;
-    }
-  }
+  const bool decay = c.weight_decay != 0.f;
+  g = decay && !c.decoupled_weight_decay ? g + c.weight_decay * param : g;
+  param = decay && c.decoupled_weight_decay ? param * (1.f - s.lr * c.weight_decay) : param;
   const float m = ema_rule(*exp_avg, g, 1.f - c.beta1);
   const float v = c.beta2 * *exp_avg_sq + (1.f - c.beta2) * g * g;
   *exp_avg = m;
   *exp_avg_sq = v;
   float second_moment = v;
-  if (c.amsgrad) {
+  if (max_exp_avg_sq != nullptr) {
     second_moment = fmaxf(*max_exp_avg_sq, v);
     *max_exp_avg_sq = second_moment;
   }
