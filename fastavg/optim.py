@@ -43,6 +43,7 @@ class _FusedOptimizer(AveragingOptimizer):
             bucket = Bucket(params, self._optimizer_state(group), self.average, self.state, len(self.param_groups))
             bucket.backend = backends[key]
             bucket.lr = torch.zeros(1) if bucket.device.type == "cpu" else None
+            bucket.scalars = None
             buckets.append(bucket)
         self._buckets.append(buckets)
 
@@ -81,13 +82,19 @@ class _FusedOptimizer(AveragingOptimizer):
         return loss
 
     def _scalars(self, bucket: Bucket, lr: float, first: int, plan: AveragePlan):
-        """lr, step and averaging weights as fp32 tensors in the bucket's memory."""
+        """lr, step and averaging weights as fp32 tensors in the bucket's memory.
+
+        On a GPU they travel in one small copy into a persistent buffer; the copy is queued on the
+        stream like the kernels, so nothing waits and a later launch cannot overtake it.
+        """
         if bucket.device.type == "cpu":
             bucket.lr.fill_(lr)
             return bucket.lr, bucket.steps[first:first + 1], self._weights_cpu
-        values = torch.tensor([lr, float(bucket.steps[first]), *plan.weights], dtype=torch.float32,
-                              device=bucket.device)
-        return values[0:1], values[1:2], values[2:]
+        host = torch.tensor([lr, float(bucket.steps[first]), *self._weights_cpu.tolist()], dtype=torch.float32)
+        if bucket.scalars is None:
+            bucket.scalars = torch.empty_like(host, device=bucket.device)
+        bucket.scalars.copy_(host, non_blocking=True)
+        return bucket.scalars[0:1], bucket.scalars[1:2], bucket.scalars[2:]
 
     def _launch(self, group, bucket: Bucket, plan: AveragePlan, begin: int, end: int, has_grad: bool, first: int):
         whole = begin == 0 and end == bucket.numel
