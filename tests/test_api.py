@@ -122,3 +122,25 @@ def test_cli_reports_backends():
     for name in ("reference", "cpu", "cuda", "triton"):
         assert name in out
     assert "available" in out
+
+
+def test_import_and_step_work_without_the_extension():
+    script = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "fastavg._C":
+            raise ImportError("blocked for the test")
+sys.meta_path.insert(0, Block())
+import torch, fastavg
+assert "not built" in fastavg.backend_status()["cpu"]
+p = torch.nn.Parameter(torch.ones(3))
+opt = fastavg.AdamW([p], average=fastavg.EMA(0.9))
+assert opt.backends() == ["reference"]
+p.grad = torch.ones(3)
+opt.step()
+print("ok", p.detach().tolist())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ok")
