@@ -261,3 +261,44 @@ class AveragingOptimizer(torch.optim.Optimizer):
 
     def _after_load(self) -> None:
         """Hook for the fused optimizers to refresh host-side mirrors of loaded state."""
+
+
+# The public constructors, shared by the fused optimizers and their reference twins so that both
+# have the same signatures by construction. Each calls the next class in the MRO with
+# ``(params, defaults, average, backend)``.
+class SGDArguments:
+    _check_group = staticmethod(check_sgd_group)
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
+                 maximize=False, momentum_style="torch", average=None, backend=None):
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, maximize=maximize, momentum_style=momentum_style)
+        check_sgd_group(defaults)
+        super().__init__(params, defaults, average, backend)
+
+    def _optimizer_state(self, group: dict) -> tuple[str, ...]:
+        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+
+
+class AdamArguments:
+    _check_group = staticmethod(check_adam_group)
+    _decoupled_weight_decay = False
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, *,
+                 maximize=False, average=None, backend=None):
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
+                        weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
+        check_adam_group(defaults)
+        super().__init__(params, defaults, average, backend)
+
+    def _optimizer_state(self, group: dict) -> tuple[str, ...]:
+        return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
+
+
+class AdamWArguments(AdamArguments):
+    _decoupled_weight_decay = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+                 maximize=False, average=None, backend=None):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, average=average,
+                         backend=backend)

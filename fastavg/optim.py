@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from . import _backends
-from ._common import AveragingOptimizer, check_adam_group, check_sgd_group
+from ._common import AdamArguments, AdamWArguments, AveragingOptimizer, SGDArguments
 from .averaging import LAWA, RULE_NONE, AveragePlan
 from .buffers import Bucket
 from .reference import average_kwargs, average_state
@@ -29,9 +29,6 @@ class _FusedOptimizer(AveragingOptimizer):
         self._buckets: list[list[Bucket]] = []
         super().__init__(params, defaults, average, backend)
         self._weights_cpu = torch.zeros(max(self.average.num_averages if self.average else 0, 1))
-
-    def _optimizer_state(self, group: dict) -> tuple[str, ...]:
-        raise NotImplementedError
 
     def _init_group_state(self, group: dict) -> None:
         by_key: dict = {}
@@ -153,20 +150,8 @@ class _FusedOptimizer(AveragingOptimizer):
             bucket.refresh_steps()
 
 
-class SGD(_FusedOptimizer):
+class SGD(SGDArguments, _FusedOptimizer):
     """Fused SGD; ``momentum_style="torch"`` is exactly ``torch.optim.SGD``, ``"heavy_ball"`` Polyak's form."""
-
-    _check_group = staticmethod(check_sgd_group)
-
-    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
-                 maximize=False, momentum_style="torch", average=None, backend=None):
-        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                        nesterov=nesterov, maximize=maximize, momentum_style=momentum_style)
-        check_sgd_group(defaults)
-        super().__init__(params, defaults, average, backend)
-
-    def _optimizer_state(self, group):
-        return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
     def _fused_step(self, backend, group, data, grad, state, averages, lr, step, weights, rule, reaction, inertia,
                     switch):
@@ -176,21 +161,8 @@ class SGD(_FusedOptimizer):
                           switch)
 
 
-class Adam(_FusedOptimizer):
+class Adam(AdamArguments, _FusedOptimizer):
     """Fused Adam (L2 weight decay), exactly ``torch.optim.Adam`` including amsgrad and maximize."""
-
-    _check_group = staticmethod(check_adam_group)
-    _decoupled_weight_decay = False
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, *,
-                 maximize=False, average=None, backend=None):
-        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
-                        weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
-        check_adam_group(defaults)
-        super().__init__(params, defaults, average, backend)
-
-    def _optimizer_state(self, group):
-        return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
 
     def _fused_step(self, backend, group, data, grad, state, averages, lr, step, weights, rule, reaction, inertia,
                     switch):
@@ -200,12 +172,5 @@ class Adam(_FusedOptimizer):
                            bool(group["amsgrad"]), bool(group["maximize"]), rule, reaction, inertia, switch)
 
 
-class AdamW(Adam):
+class AdamW(AdamWArguments, Adam):
     """Fused AdamW (decoupled weight decay), exactly ``torch.optim.AdamW``."""
-
-    _decoupled_weight_decay = True
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
-                 maximize=False, average=None, backend=None):
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, average=average,
-                         backend=backend)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import AveragingOptimizer, check_adam_group, check_sgd_group, compute_dtype
+from ._common import AdamArguments, AdamWArguments, AveragingOptimizer, SGDArguments, compute_dtype
 from .averaging import BELAY, EMA, LAWA, RULE_BELAY, RULE_EMA, RULE_LAWA, SEMA, SWA, AveragePlan
 
 __all__ = ["SGD", "Adam", "AdamW", "EMA", "BELAY", "SWA", "LAWA", "SEMA"]
@@ -176,9 +176,6 @@ class _ReferenceOptimizer(AveragingOptimizer):
             raise ValueError(f"fastavg.reference runs only the reference backend, got backend={backend!r}")
         super().__init__(params, defaults, average, backend)
 
-    def _optimizer_state(self, group: dict) -> tuple[str, ...]:
-        raise NotImplementedError
-
     def _init_group_state(self, group: dict) -> None:
         for p in group["params"]:
             state = self.state[p]
@@ -225,20 +222,8 @@ class _ReferenceOptimizer(AveragingOptimizer):
         return loss
 
 
-class SGD(_ReferenceOptimizer):
+class SGD(SGDArguments, _ReferenceOptimizer):
     """SGD with ``momentum_style="torch"`` (exactly ``torch.optim.SGD``) or ``"heavy_ball"`` (Polyak)."""
-
-    _check_group = staticmethod(check_sgd_group)
-
-    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
-                 maximize=False, momentum_style="torch", average=None, backend=None):
-        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                        nesterov=nesterov, maximize=maximize, momentum_style=momentum_style)
-        check_sgd_group(defaults)
-        super().__init__(params, defaults, average, backend)
-
-    def _optimizer_state(self, group):
-        return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
     def _update(self, work, grad, state, group):
         lr = float(group["lr"])
@@ -255,21 +240,8 @@ class SGD(_ReferenceOptimizer):
                            first_step=int(state["step"]) == 1)
 
 
-class Adam(_ReferenceOptimizer):
+class Adam(AdamArguments, _ReferenceOptimizer):
     """Adam with L2 weight decay, exactly ``torch.optim.Adam`` (amsgrad, maximize)."""
-
-    _check_group = staticmethod(check_adam_group)
-    _decoupled_weight_decay = False
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, *,
-                 maximize=False, average=None, backend=None):
-        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
-                        weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
-        check_adam_group(defaults)
-        super().__init__(params, defaults, average, backend)
-
-    def _optimizer_state(self, group):
-        return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
 
     def _update(self, work, grad, state, group):
         if group["amsgrad"] and "max_exp_avg_sq" not in state:
@@ -281,12 +253,5 @@ class Adam(_ReferenceOptimizer):
                   amsgrad=group["amsgrad"], maximize=group["maximize"])
 
 
-class AdamW(Adam):
+class AdamW(AdamWArguments, Adam):
     """Adam with decoupled weight decay, exactly ``torch.optim.AdamW``."""
-
-    _decoupled_weight_decay = True
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
-                 maximize=False, average=None, backend=None):
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, average=average,
-                         backend=backend)
