@@ -22,8 +22,8 @@ from types import SimpleNamespace
 import torch
 
 from . import reference
-from ._common import BACKENDS
 
+BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 

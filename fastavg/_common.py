@@ -13,9 +13,6 @@ import torch
 
 from .averaging import LAWA, check_averager
 
-BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
-
-
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -89,11 +86,9 @@ class AveragingOptimizer(torch.optim.Optimizer):
 
     _check_group = staticmethod(lambda group: None)
 
-    def __init__(self, params, defaults: dict, average, backend):
+    def __init__(self, params, defaults: dict, average):
         self.average = check_averager(average)
         self._average_step = 0
-        if backend is not None and backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         super().__init__(params, defaults)
 
     # --- param groups ----------------------------------------------------------------------------

@@ -43,8 +43,9 @@ class Bucket:
     """The flat buffers of one (param group, device, dtype) and the parameters living in them."""
 
     def __init__(self, params: list[torch.Tensor], optimizer_state: tuple[str, ...], average, state: dict,
-                 group_index: int):
+                 group_index: int, backend):
         self.params = params
+        self.backend = backend
         self.group_index = group_index
         self.dtype = params[0].dtype
         self.device = params[0].device
@@ -72,6 +73,10 @@ class Bucket:
             state[p]["step"] = self.steps[i]
         self._data_ptrs = [v.data_ptr() for v in self.data_views]
         self._uniform_steps = True
+        # The per-launch scalars (lr, step, averaging weights) the kernels read: on the CPU lr lives
+        # here and step in ``steps``; on a GPU all of them travel in ``scalars``, made at the first step.
+        self.lr_cpu = torch.zeros(1) if self.device.type == "cpu" else None
+        self.scalars = None
 
     def _view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
         p = self.params[i]

@@ -27,7 +27,7 @@ class _FusedOptimizer(AveragingOptimizer):
     def __init__(self, params, defaults, average, backend):
         self._backend_request = _backends.default_request(backend)
         self._buckets: list[list[Bucket]] = []
-        super().__init__(params, defaults, average, backend)
+        super().__init__(params, defaults, average)
         self._weights_cpu = torch.zeros(max(self.average.num_averages if self.average else 0, 1))
 
     def _init_group_state(self, group: dict) -> None:
@@ -37,11 +37,8 @@ class _FusedOptimizer(AveragingOptimizer):
         backends = {key: _backends.resolve(self._backend_request, *key) for key in by_key}
         buckets = []
         for key, params in by_key.items():
-            bucket = Bucket(params, self._optimizer_state(group), self.average, self.state, len(self.param_groups))
-            bucket.backend = backends[key]
-            bucket.lr = torch.zeros(1) if bucket.device.type == "cpu" else None
-            bucket.scalars = None
-            buckets.append(bucket)
+            buckets.append(Bucket(params, self._optimizer_state(group), self.average, self.state,
+                                  len(self.param_groups), backends[key]))
         self._buckets.append(buckets)
 
     def backends(self) -> list[str]:
@@ -78,15 +75,15 @@ class _FusedOptimizer(AveragingOptimizer):
                     self._launch(group, bucket, plan, *run)
         return loss
 
-    def _scalars(self, bucket: Bucket, lr: float, first: int, plan: AveragePlan):
+    def _scalars(self, bucket: Bucket, lr: float, first: int):
         """lr, step and averaging weights as fp32 tensors in the bucket's memory.
 
         On a GPU they travel in one small copy into a persistent buffer; the copy is queued on the
         stream like the kernels, so nothing waits and a later launch cannot overtake it.
         """
         if bucket.device.type == "cpu":
-            bucket.lr.fill_(lr)
-            return bucket.lr, bucket.steps[first:first + 1], self._weights_cpu
+            bucket.lr_cpu.fill_(lr)
+            return bucket.lr_cpu, bucket.steps[first:first + 1], self._weights_cpu
         host = torch.tensor([lr, float(bucket.steps[first]), *self._weights_cpu.tolist()], dtype=torch.float32)
         if bucket.scalars is None:
             bucket.scalars = torch.empty_like(host, device=bucket.device)
@@ -102,12 +99,12 @@ class _FusedOptimizer(AveragingOptimizer):
         averages = [part(t) for t in average_state(plan, bucket.buffers)]
         kwargs = average_kwargs(self.average)
         if has_grad:
-            lr, step, weights = self._scalars(bucket, float(group["lr"]), first, plan)
+            lr, step, weights = self._scalars(bucket, float(group["lr"]), first)
             state = [part(bucket.buffers[name]) for name in self._optimizer_state(group)]
             self._fused_step(bucket.backend, group, part(bucket.data), part(bucket.grad), state, averages, lr, step,
                              weights, plan.rule, kwargs["reaction"], kwargs["inertia"], plan.switch)
         elif plan.rule != RULE_NONE or plan.switch:
-            _, _, weights = self._scalars(bucket, 0.0, first, plan)
+            _, _, weights = self._scalars(bucket, 0.0, first)
             bucket.backend.average_(part(bucket.data), averages, weights, plan.rule, kwargs["reaction"],
                                     kwargs["inertia"], plan.switch)
 

@@ -174,7 +174,7 @@ class _ReferenceOptimizer(AveragingOptimizer):
     def __init__(self, params, defaults, average, backend):
         if backend not in (None, "auto", "reference"):
             raise ValueError(f"fastavg.reference runs only the reference backend, got backend={backend!r}")
-        super().__init__(params, defaults, average, backend)
+        super().__init__(params, defaults, average)
 
     def _init_group_state(self, group: dict) -> None:
         for p in group["params"]:
