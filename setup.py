@@ -52,7 +52,7 @@ def _extension_and_builder():
             "fastavg._C",
             CPU_SOURCES + CUDA_SOURCES,
             define_macros=[("FASTAVG_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]},
+            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": ["-O3", "-std=c++17"]},
             extra_link_args=["-fopenmp"],
         )
     else:

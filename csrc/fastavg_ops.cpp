@@ -2,6 +2,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <cmath>
+
 #include "fastavg_ops.h"
 
 namespace fastavg {
@@ -100,8 +102,11 @@ void adam_step(const Launcher& launch, at::Tensor& param, const at::Tensor& grad
   StepBuffers b = param_buffers(param, &grad);
   set_optimizer_state(b, optimizer_state, param, amsgrad ? 3 : 2, amsgrad ? 3 : 2);
   StepConfig c;
-  c.beta1 = static_cast<float>(beta1);
   c.beta2 = static_cast<float>(beta2);
+  c.log2_beta1 = std::log2(beta1);  // -inf for β = 0: then βᵗ = 0 and there is nothing to correct
+  c.log2_beta2 = std::log2(beta2);
+  c.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+  c.one_minus_beta2 = static_cast<float>(1.0 - beta2);
   c.eps = static_cast<float>(eps);
   c.weight_decay = static_cast<float>(weight_decay);
   c.decoupled_weight_decay = decoupled_weight_decay;
@@ -126,6 +131,7 @@ void sgd_step(const Launcher& launch, at::Tensor& param, const at::Tensor& grad,
   StepConfig c;
   c.momentum = static_cast<float>(momentum);
   c.dampening = static_cast<float>(dampening);
+  c.one_minus_dampening = static_cast<float>(1.0 - dampening);
   c.weight_decay = static_cast<float>(weight_decay);
   c.nesterov = nesterov;
   c.maximize = maximize;

@@ -26,9 +26,14 @@ constexpr int kMaxAverages = 8;
 
 // Hyperparameters that are plain runtime values (never compiled in). lr, step and the averaging
 // weights are read from memory by the kernels instead, so that they can change under a CUDA graph.
+//
+// 1 − β and 1 − τ are rounded to fp32 from double on the host, as torch rounds its Python-float
+// factors: computed in fp32 from an fp32 β they would be off by up to 5e-5 relative (β = 0.999).
+// For the same reason the bias corrections 1 − βᵗ = 1 − 2^(t·log2 β) start from log2 β in double.
 struct StepConfig {
-  float momentum = 0.f, dampening = 0.f, weight_decay = 0.f;
-  float beta1 = 0.f, beta2 = 0.f, eps = 0.f;
+  float momentum = 0.f, dampening = 0.f, one_minus_dampening = 1.f, weight_decay = 0.f;
+  float beta2 = 0.f, one_minus_beta1 = 1.f, one_minus_beta2 = 1.f, eps = 0.f;
+  double log2_beta1 = 0.0, log2_beta2 = 0.0;
   float reaction = 0.f, inertia = 0.f;
   bool nesterov = false, maximize = false, amsgrad = false, decoupled_weight_decay = false;
   bool switch_to_average = false;
@@ -37,6 +42,7 @@ struct StepConfig {
 // Per-launch values derived once from the scalars in memory (lr, step).
 struct StepScalars {
   float lr;
+  float decoupled_decay;            // 1 - lr * weight_decay (AdamW)
   float adam_step_size;             // lr / (1 - beta1^step)
   float adam_bias_correction2_sqrt; // sqrt(1 - beta2^step)
   bool first_step;                  // torch SGD: the momentum buffer starts as the gradient
@@ -45,8 +51,9 @@ struct StepScalars {
 FASTAVG_HD StepScalars step_scalars(float lr, float step, const StepConfig& c) {
   StepScalars s;
   s.lr = lr;
-  const double bias_correction1 = 1.0 - pow(static_cast<double>(c.beta1), static_cast<double>(step));
-  const double bias_correction2 = 1.0 - pow(static_cast<double>(c.beta2), static_cast<double>(step));
+  s.decoupled_decay = static_cast<float>(1.0 - static_cast<double>(lr) * static_cast<double>(c.weight_decay));
+  const double bias_correction1 = 1.0 - exp2(static_cast<double>(step) * c.log2_beta1);
+  const double bias_correction2 = 1.0 - exp2(static_cast<double>(step) * c.log2_beta2);
   s.adam_step_size = static_cast<float>(static_cast<double>(lr) / bias_correction1);
   s.adam_bias_correction2_sqrt = static_cast<float>(sqrt(bias_correction2));
   s.first_step = step == 1.f;
@@ -70,7 +77,7 @@ FASTAVG_HD float sgd_torch_rule(float param, float grad, float* momentum_buffer,
   float d = c.maximize ? -grad : grad;
   d = c.weight_decay != 0.f ? d + c.weight_decay * param : d;
   if (momentum_buffer != nullptr) {
-    const float b = s.first_step ? d : c.momentum * *momentum_buffer + (1.f - c.dampening) * d;
+    const float b = s.first_step ? d : c.momentum * *momentum_buffer + c.one_minus_dampening * d;
     *momentum_buffer = b;
     d = c.nesterov ? d + c.momentum * b : b;
   }
@@ -95,9 +102,9 @@ FASTAVG_HD float adam_rule(float param, float grad, float* exp_avg, float* exp_a
   float g = c.maximize ? -grad : grad;
   const bool decay = c.weight_decay != 0.f;
   g = decay && !c.decoupled_weight_decay ? g + c.weight_decay * param : g;
-  param = decay && c.decoupled_weight_decay ? param * (1.f - s.lr * c.weight_decay) : param;
-  const float m = ema_rule(*exp_avg, g, 1.f - c.beta1);
-  const float v = c.beta2 * *exp_avg_sq + (1.f - c.beta2) * g * g;
+  param = decay && c.decoupled_weight_decay ? param * s.decoupled_decay : param;
+  const float m = ema_rule(*exp_avg, g, c.one_minus_beta1);
+  const float v = c.beta2 * *exp_avg_sq + c.one_minus_beta2 * g * g;
   *exp_avg = m;
   *exp_avg_sq = v;
   float second_moment = v;

@@ -128,7 +128,9 @@ class AveragingOptimizer(torch.optim.Optimizer):
     # --- averaging API ---------------------------------------------------------------------------
     def _require_average(self, index: int) -> None:
         if self.average is None:
-            raise RuntimeError("this optimizer keeps no average; build it with average=fastavg.EMA(...) or another averager")
+            raise RuntimeError(
+                "this optimizer keeps no average; build it with average=fastavg.EMA(...) or another averager"
+            )
         count = max(self.average.num_averages, 1)
         if not 0 <= index < count:
             raise IndexError(f"index must be in [0, {count}), got {index}")
@@ -213,7 +215,8 @@ class AveragingOptimizer(torch.optim.Optimizer):
         for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(
-                    f"param group {i} has {len(group['params'])} parameters, the state_dict's has {len(saved['params'])}"
+                    f"param group {i} has {len(group['params'])} parameters, "
+                    f"the state_dict's has {len(saved['params'])}"
                 )
             id_to_param.update(zip(saved["params"], group["params"]))
         extra = state_dict.get("fastavg")
@@ -233,7 +236,8 @@ class AveragingOptimizer(torch.optim.Optimizer):
                 elif name in state and isinstance(value, torch.Tensor):
                     if value.numel() != state[name].numel():
                         raise ValueError(
-                            f"state '{name}' of parameter {key} has {value.numel()} elements, expected {state[name].numel()}"
+                            f"state '{name}' of parameter {key} has {value.numel()} elements, "
+                            f"expected {state[name].numel()}"
                         )
                     copies.append((state[name], value.reshape(state[name].shape)))
             if "step" not in entry and entry.get("momentum_buffer") is not None and "momentum_buffer" in state:

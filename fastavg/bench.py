@@ -29,9 +29,9 @@ Implementations, all measured in the same run on the same layout:
   not in ``--quick`` runs, and not for layouts of more than 200 tensors; where compiling fails the row
   says why.
 
-For bf16/fp16 parameters every implementation but ``ema_pytorch`` keeps fp32 averages: the torch baselines cast θ to fp32
-before averaging (``AveragedModel`` averages an fp32 copy of the model refreshed each step), and that
-cast is part of the timed step.
+For bf16/fp16 parameters every implementation but ``ema_pytorch`` keeps fp32 averages: the torch baselines
+cast θ to fp32 before averaging (``AveragedModel`` averages an fp32 copy of the model refreshed each step),
+and that cast is part of the timed step.
 
 Bytes per parameter element that one step must move (``s`` = parameter bytes; every implementation is
 credited with the same bytes, so GB/s ratios are speed ratios):

@@ -133,7 +133,8 @@ class Bucket:
                 if grad.layout != torch.strided or grad.shape != view.shape or grad.device != self.device:
                     raise RuntimeError(
                         f"grad of parameter {i} of param group {self.group_index} has {_describe(grad)} "
-                        f"(layout {grad.layout}); expected a dense gradient of shape {tuple(view.shape)} on {self.device}"
+                        f"(layout {grad.layout}); expected a dense gradient of shape {tuple(view.shape)} "
+                        f"on {self.device}"
                     )
         return has_grad, fixups
 
