@@ -84,6 +84,12 @@ class _FusedOptimizer(AveragingOptimizer):
         if bucket.device.type == "cpu":
             bucket.lr_cpu.fill_(lr)
             return bucket.lr_cpu, bucket.steps[first:first + 1], self._weights_cpu
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "opt.step() cannot be captured in a CUDA graph: it copies lr, step and the averaging weights from "
+                "the host each step. Capture the ops (torch.ops.fastavg.adam_step_ etc.), which read them from "
+                "device tensors, or run the step outside the graph"
+            )
         host = torch.tensor([lr, float(bucket.steps[first]), *self._weights_cpu.tolist()], dtype=torch.float32)
         if bucket.scalars is None:
             bucket.scalars = torch.empty_like(host, device=bucket.device)

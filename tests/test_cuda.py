@@ -263,3 +263,15 @@ def test_auto_picks_cuda_kernels_when_triton_is_unavailable():
         pytest.skip("Triton is available, so backend='auto' picks it on CUDA tensors")
     params = [torch.randn(7, device=DEVICE, requires_grad=True)]
     assert fastavg.AdamW(params, backend="auto").backends() == ["cuda"]
+
+
+def test_capturing_the_optimizer_step_raises_clearly():
+    params = [torch.randn(7, device=DEVICE, requires_grad=True)]
+    opt = fastavg.AdamW(params, average=fastavg.EMA(0.9), backend="cuda")
+    params[0].grad = torch.randn_like(params[0])
+    opt.step()  # warm up outside the graph, as torch advises before any capture
+    before = params[0].detach().clone()
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            opt.step()
+    assert torch.equal(params[0].detach(), before)
