@@ -41,6 +41,10 @@ class _FusedOptimizer(AveragingOptimizer):
                                   len(self.param_groups), backends[key]))
         self._buckets.append(buckets)
 
+    @property
+    def _on_gpu(self) -> bool:
+        return any(bucket.device.type == "cuda" for bucket in self._all_buckets())
+
     def backends(self) -> list[str]:
         """The backend running each bucket (one per param group, device and dtype), in order."""
         return [bucket.backend.name for buckets in self._buckets for bucket in buckets]
@@ -56,6 +60,12 @@ class _FusedOptimizer(AveragingOptimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_all_groups()
+        if self._on_gpu and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "opt.step() cannot be captured in a CUDA graph: it copies lr, step and the averaging weights from "
+                "the host each step. Capture the ops (torch.ops.fastavg.adam_step_ etc.), which read them from "
+                "device tensors, or run the step outside the graph"
+            )
         inspected = [bucket.inspect() for bucket in self._all_buckets()]
         self._average_step += 1
         plan = self.average.plan(self._average_step) if self.average is not None else _NO_PLAN
@@ -84,12 +94,6 @@ class _FusedOptimizer(AveragingOptimizer):
         if bucket.device.type == "cpu":
             bucket.lr_cpu.fill_(lr)
             return bucket.lr_cpu, bucket.steps[first:first + 1], self._weights_cpu
-        if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                "opt.step() cannot be captured in a CUDA graph: it copies lr, step and the averaging weights from "
-                "the host each step. Capture the ops (torch.ops.fastavg.adam_step_ etc.), which read them from "
-                "device tensors, or run the step outside the graph"
-            )
         host = torch.tensor([lr, float(bucket.steps[first]), *self._weights_cpu.tolist()], dtype=torch.float32)
         if bucket.scalars is None:
             bucket.scalars = torch.empty_like(host, device=bucket.device)
