@@ -1,0 +1,1 @@
+"""Quality studies: do the seed papers' claims about weight averaging hold with fastavg on real data?"""
