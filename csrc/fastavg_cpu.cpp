@@ -11,7 +11,7 @@
 namespace fastavg {
 namespace {
 
-constexpr int64_t kChunk = 1024;
+constexpr int64_t kChunk = 256;
 constexpr int64_t kGrain = 32 * 1024;
 
 // bfloat16 as raw bits, converted without branches (round to nearest even, NaN kept quiet) so that

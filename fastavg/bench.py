@@ -2,7 +2,10 @@
 
 With no arguments it runs a built-in default (GPT-2-like layout, fp32, AdamW with every averager and
 SGD-momentum with EMA; 2M parameters on CPU, 124M on GPU) in under two minutes on a 2-core CPU.
-``--quick`` makes a short run (fewer iterations, no ``torch.compile``); ``--help`` lists the flags.
+``--quick`` makes a short run (fewer iterations, one round, no ``torch.compile``); ``--help`` lists the flags.
+
+Every fast implementation is timed in three rounds that alternate between the implementations, so that
+a drift of the machine's speed during the run does not favour whichever ran first.
 
 For each configuration (optimizer + averager) and each implementation, in one run: the median step time
 (with p20/p80), the bandwidth it implies from the bytes the fused step must move, that bandwidth as a
@@ -69,7 +72,7 @@ import fastavg
 from fastavg import reference
 from fastavg.averaging import RULE_EMA, RULE_LAWA
 
-DEFAULT_SIZE = {"cpu": 2_000_000, "cuda": 124_000_000}
+DEFAULT_SIZE = {"cpu": 10_000_000, "cuda": 124_000_000}
 QUICK_SIZE = {"cpu": 1_000_000, "cuda": 16_000_000}
 OPTIMIZERS = ("adamw", "sgd")
 AVERAGERS = ("ema", "ema-every-10", "lawa", "sema", "ema-multi")
@@ -424,8 +427,10 @@ def _parse_size(text: str) -> int:
 
 
 def run(configs, layouts, sizes, dtypes, device, backends, warmup, iters, baselines=BASELINES,
-        compile_reference=True, progress=print):
+        compile_reference=True, progress=print, rounds=3):
     """Measure every implementation of every configuration on every layout/size/dtype.
+
+    Each fast implementation is measured in ``rounds`` alternating rounds (the references once).
 
     Returns the rows and the copy bandwidth (GB/s) measured at the start of the run.
     ``layouts``/``sizes``/``dtypes`` may be single values.
@@ -452,26 +457,35 @@ def run(configs, layouts, sizes, dtypes, device, backends, warmup, iters, baseli
         numel = sum(math.prod(s) for s in shapes)
         moved = config.bytes_per_element(torch.finfo(dtype).bits // 8) * numel
         dtype_name = str(dtype).removeprefix("torch.")
-        group = {}
-        for impl_name, build in impls.items():
-            done += 1
-            row = Row(config.name, layout, dtype_name, numel, len(shapes), impl_name)
+        group = {name: Row(config.name, layout, dtype_name, numel, len(shapes), name) for name in impls}
+        samples: dict[str, list[float]] = {name: [] for name in impls}
+        for name, build in impls.items():
             if isinstance(build, str):
-                row.unavailable = build
-            else:
+                group[name].unavailable = build
+        # Rounds alternate the implementations, so that a drift of the machine's speed (frequency, other
+        # tenants) during the run spreads over all of them instead of favouring whichever ran first.
+        for round_index in range(rounds):
+            for impl_name, build in impls.items():
+                row = group[impl_name]
+                slow = impl_name.startswith(_REFERENCE)
+                if row.unavailable or (slow and round_index > 0):
+                    continue
                 try:
-                    times, row.kernels_per_step = _measure(build, shapes, dtype, device, config, warmup, iters,
-                                                           slow=impl_name.startswith(_REFERENCE))
+                    times, row.kernels_per_step = _measure(build, shapes, dtype, device, config, warmup, iters, slow)
                 except Exception as error:  # torch.compile can fail in many ways (no compiler, dynamo limits)
                     if impl_name != _COMPILED:
                         raise
                     row.unavailable = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:120]}"
                 else:
-                    row.median_ms = statistics.median(times) * 1e3
-                    row.p20_ms, row.p80_ms = (q * 1e3 for q in _quantiles(times))
-                    row.gbps = moved / (row.median_ms / 1e3) / 1e9
-                    row.copy_fraction = row.gbps / copy_gbps
-            group[impl_name] = row
+                    samples[impl_name].extend(times)
+        for impl_name, row in group.items():
+            done += 1
+            times = samples[impl_name]
+            if times:
+                row.median_ms = statistics.median(times) * 1e3
+                row.p20_ms, row.p80_ms = (q * 1e3 for q in _quantiles(times))
+                row.gbps = moved / (row.median_ms / 1e3) / 1e9
+                row.copy_fraction = row.gbps / copy_gbps
             result = (f"unavailable ({row.unavailable})" if row.unavailable
                       else f"{row.median_ms:9.2f} ms {row.gbps:7.2f} GB/s")
             progress(f"[{done}/{total}] {config.name:<18} {layout:<5} {_human(numel):>6} {dtype_name:<8} "
@@ -617,7 +631,8 @@ def main(argv=None) -> None:
 
     rows, copy_gbps = run(configs, args.layouts, sizes, [getattr(torch, d) for d in args.dtypes], device, backends,
                           warmup, iters, baselines=baselines, compile_reference=not args.quick,
-                          progress=lambda line: print(line, file=sys.stderr, flush=True))
+                          progress=lambda line: print(line, file=sys.stderr, flush=True),
+                          rounds=1 if args.quick else 3)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     title = f"fastavg {fastavg.__version__}, torch {torch.__version__}, {name}, copy bandwidth {copy_gbps:.1f} GB/s"
     print(f"\n{title}\n")
