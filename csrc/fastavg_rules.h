@@ -109,7 +109,8 @@ FASTAVG_HD float adam_rule(float param, float grad, float* exp_avg, float* exp_a
   *exp_avg_sq = v;
   float second_moment = v;
   if (max_exp_avg_sq != nullptr) {
-    second_moment = fmaxf(*max_exp_avg_sq, v);
+    // torch.maximum: NaN wins (fmaxf would drop it).
+    second_moment = ((v > *max_exp_avg_sq) | (v != v)) ? v : *max_exp_avg_sq;
     *max_exp_avg_sq = second_moment;
   }
   const float denom = sqrtf(second_moment) / s.adam_bias_correction2_sqrt + c.eps;

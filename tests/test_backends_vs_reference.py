@@ -51,3 +51,33 @@ def test_backend_matches_reference(backend, optimizer, averager, dtype, layout):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_missing_grads_split_launches_like_reference(backend, optimizer, averager):
     _run(backend, optimizer, averager, "many", torch.float32, skip=lambda i, step: (i // 7 + step) % 3 == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cpu_kernel_converts_every_half_precision_value_like_torch(dtype):
+    """The CPU kernels convert bf16/fp16 with their own branch-free code: check it against torch on every
+    16-bit pattern (load) and on floats around every rounding boundary, subnormals, inf and NaN (store)."""
+    if fastavg.backend_status()["cpu"]:
+        pytest.skip(fastavg.backend_status()["cpu"])
+    from fastavg.averaging import RULE_LAWA, RULE_NONE
+
+    # A LAWA snapshot into a zero sum and ring: S = 0 + (θ − 0) loads θ, the ring slot stores it back.
+    every_value = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype).contiguous()
+    loaded, ring_slot = torch.zeros(every_value.numel()), torch.zeros_like(every_value)
+    weights = torch.ones(1)
+    torch.ops.fastavg.average_(every_value.clone(), [loaded, ring_slot], weights, RULE_LAWA, 0.0, 0.0, False)
+    expected = every_value.float()
+    assert torch.equal(loaded.isnan(), expected.isnan())
+    assert torch.equal(loaded[~expected.isnan()], expected[~expected.isnan()])
+    assert torch.equal(ring_slot.isnan(), every_value.isnan())
+
+    finite = expected[expected.isfinite()].unique()
+    midpoints = (finite[1:] + finite[:-1]) / 2
+    floats = torch.cat([finite, midpoints, midpoints.nextafter(finite[1:]), midpoints.nextafter(finite[:-1]),
+                        torch.randn(100_000) * 1e3, torch.tensor([float("inf"), -float("inf"), float("nan"),
+                                                                  3.4e38, -3.4e38, 1e-45, -1e-45])])
+    stored = torch.zeros(floats.numel(), dtype=dtype)
+    torch.ops.fastavg.average_(stored, [floats.clone()], weights, RULE_NONE, 0.0, 0.0, True)
+    expected = floats.to(dtype)
+    assert torch.equal(stored.isnan(), expected.isnan())
+    assert torch.equal(stored[~expected.isnan()].view(torch.int16), expected[~expected.isnan()].view(torch.int16))
