@@ -560,7 +560,7 @@ def _plot(rows: list[Row], path: str, title: str) -> None:
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(configs):]:
         ax.axis("off")
-    fig.suptitle(title)
+    fig.suptitle(title, fontsize="small", wrap=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
