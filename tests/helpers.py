@@ -69,14 +69,37 @@ AVERAGERS = {
 }
 
 
-def make_pair(optimizer, averager, layout, dtype, backend):
-    """The same optimizer on two identical parameter sets: fastavg's (``backend``) and the reference."""
+def _copy_grads(source, params):
+    """``source``'s gradients onto ``params`` (any device), with torch's semantics: None stays None."""
+    for q, p in zip(source, params):
+        if q.grad is None:
+            p.grad = None
+        elif p.grad is None:
+            p.grad = q.grad.to(p.device, copy=True)
+        else:
+            p.grad.copy_(q.grad)
+
+
+def run_against_reference(backend, optimizer, averager, layout, dtype, device="cpu", steps=4, skip=None):
+    """``steps`` steps of fastavg's ``backend`` and of the reference on the same parameters, gradients and
+    LR schedule (``skip(i, step)`` drops gradients), then every parameter, state and average compared."""
     name, kwargs = OPTIMIZERS[optimizer]
-    ours = make_params(layout, dtype)
-    ref = make_params(layout, dtype)
+    host = make_params(layout, dtype)
+    ours = [p.detach().to(device, copy=True).requires_grad_() for p in host]
+    ref = [p.detach().to(device, copy=True).requires_grad_() for p in host]
     fused = getattr(fastavg, name)(ours, average=AVERAGERS[averager](), backend=backend, **kwargs)
     spec = getattr(reference, name)(ref, average=AVERAGERS[averager](), **kwargs)
-    return ours, ref, fused, spec
+    assert set(fused.backends()) == {backend}
+    schedules = [torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.5 * s)) for opt in (fused, spec)]
+    for step in range(steps):
+        set_grads(host, step, skip)
+        _copy_grads(host, ours)
+        _copy_grads(host, ref)
+        fused.step()
+        spec.step()
+        for schedule in schedules:
+            schedule.step()
+    assert_same_state(fused, spec, ours, ref, dtype)
 
 
 def assert_same_state(fused, spec, ours, ref, dtype):

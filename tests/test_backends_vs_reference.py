@@ -4,7 +4,7 @@ import torch
 
 import fastavg
 
-from helpers import AVERAGERS, OPTIMIZERS, SIZES, assert_same_state, make_pair, set_grads
+from helpers import AVERAGERS, OPTIMIZERS, SIZES, run_against_reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 STEPS = 4
@@ -16,17 +16,6 @@ def _available(backend):
 
 
 BACKENDS = [_available("cpu"), "reference"]
-
-
-def _run(backend, optimizer, averager, layout, dtype, skip=None):
-    ours, ref, fused, spec = make_pair(optimizer, averager, layout, dtype, backend)
-    assert set(fused.backends()) == {backend}
-    for step in range(STEPS):
-        set_grads(ours, step, skip)
-        set_grads(ref, step, skip)
-        fused.step()
-        spec.step()
-    assert_same_state(fused, spec, ours, ref, dtype)
 
 
 # The largest size runs for fp32 with and without EMA only, to keep CI fast.
@@ -43,14 +32,15 @@ MATRIX = [
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backend_matches_reference(backend, optimizer, averager, dtype, layout):
-    _run(backend, optimizer, averager, layout, dtype)
+    run_against_reference(backend, optimizer, averager, layout, dtype, steps=STEPS)
 
 
 @pytest.mark.parametrize("averager", list(AVERAGERS))
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd_torch", "sgd_heavy_ball"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_missing_grads_split_launches_like_reference(backend, optimizer, averager):
-    _run(backend, optimizer, averager, "many", torch.float32, skip=lambda i, step: (i // 7 + step) % 3 == 0)
+    run_against_reference(backend, optimizer, averager, "many", torch.float32, steps=STEPS,
+                          skip=lambda i, step: (i // 7 + step) % 3 == 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

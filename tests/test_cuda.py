@@ -3,10 +3,10 @@ matrix (aligned flat buffers and unaligned sub-ranges), the fused optimizers end
 capture whose replays read new lr, step and decays. Needs a GPU and an extension built with CUDA kernels."""
 import pytest
 import torch
-from helpers import AVERAGERS, OPTIMIZERS, SIZES, assert_close, assert_same_state, make_params, set_grads
+from helpers import AVERAGERS, OPTIMIZERS, SIZES, assert_close, run_against_reference
 
 import fastavg
-from fastavg import _backends, reference
+from fastavg import _backends
 from fastavg.averaging import RULE_BELAY, RULE_EMA, RULE_LAWA, RULE_NONE
 
 if not torch.cuda.is_available():
@@ -206,41 +206,6 @@ def test_cuda_graph_replays_read_lr_step_and_decays_from_memory():
 
 
 # --- the fused optimizers end to end ---------------------------------------------------------------------
-E2E_STEPS = 4
-
-
-def _to_device(params):
-    return [p.detach().to(DEVICE).requires_grad_() for p in params]
-
-
-def _copy_grads(source, params):
-    """``source``'s gradients (as helpers.set_grads made them on the host) onto ``params``, with torch's semantics."""
-    for q, p in zip(source, params):
-        if q.grad is None:
-            p.grad = None
-        elif p.grad is None:
-            p.grad = q.grad.to(DEVICE)
-        else:
-            p.grad.copy_(q.grad)
-
-
-def _run_end_to_end(optimizer, averager, layout, dtype, skip=None):
-    name, kwargs = OPTIMIZERS[optimizer]
-    host = make_params(layout, dtype)
-    ours, ref = _to_device(host), _to_device(host)
-    fused = getattr(fastavg, name)(ours, average=AVERAGERS[averager](), backend="cuda", **kwargs)
-    spec = getattr(reference, name)(ref, average=AVERAGERS[averager](), **kwargs)
-    assert set(fused.backends()) == {"cuda"}
-    schedules = [torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.5 * s)) for opt in (fused, spec)]
-    for step in range(E2E_STEPS):
-        set_grads(host, step, skip)
-        _copy_grads(host, ours)
-        _copy_grads(host, ref)
-        fused.step()
-        spec.step()
-        for schedule in schedules:
-            schedule.step()
-    assert_same_state(fused, spec, ours, ref, dtype)
 
 
 @pytest.mark.parametrize("layout", SIZES + ["many"])
@@ -248,13 +213,14 @@ def _run_end_to_end(optimizer, averager, layout, dtype, skip=None):
 @pytest.mark.parametrize("averager", list(AVERAGERS))
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 def test_fused_optimizer_matches_reference(optimizer, averager, dtype, layout):
-    _run_end_to_end(optimizer, averager, layout, dtype)
+    run_against_reference("cuda", optimizer, averager, layout, dtype, device=DEVICE)
 
 
 @pytest.mark.parametrize("averager", list(AVERAGERS))
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd_torch", "sgd_heavy_ball"])
 def test_missing_grads_split_launches_like_reference(optimizer, averager):
-    _run_end_to_end(optimizer, averager, "many", torch.float32, skip=lambda i, step: (i // 7 + step) % 3 == 0)
+    run_against_reference("cuda", optimizer, averager, "many", torch.float32, device=DEVICE,
+                          skip=lambda i, step: (i // 7 + step) % 3 == 0)
 
 
 def test_auto_picks_cuda_kernels_when_triton_is_unavailable():

@@ -9,11 +9,11 @@ import torch
 
 pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
 
-from helpers import AVERAGERS, assert_same_state, make_params, set_grads, tolerance  # noqa: E402
+from helpers import AVERAGERS, make_params, run_against_reference, tolerance  # noqa: E402
 from helpers import OPTIMIZERS as HELPER_OPTIMIZERS  # noqa: E402
 
 import fastavg  # noqa: E402
-from fastavg import _backends, _triton, reference  # noqa: E402
+from fastavg import _backends, _triton  # noqa: E402
 from fastavg.averaging import RULE_BELAY, RULE_EMA, RULE_LAWA, RULE_NONE  # noqa: E402
 
 TRITON, _UNAVAILABLE = _triton.backend()
@@ -224,53 +224,20 @@ def test_ops_have_the_schemas_of_the_cpp_ops(name, written):
 @pytest.mark.parametrize("averager", list(AVERAGERS))
 @pytest.mark.parametrize("optimizer", list(HELPER_OPTIMIZERS))
 def test_optimizer_matches_reference(optimizer, averager):
-    _run_end_to_end(optimizer, averager, torch.float32)
+    run_against_reference("triton", optimizer, averager, "many", torch.float32, device=DEVICE)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("averager", ["ema", "belay", "lawa", "sema"])
 def test_half_precision_adamw_matches_reference(averager, dtype):
-    _run_end_to_end("adamw", averager, dtype)
+    run_against_reference("triton", "adamw", averager, "many", dtype, device=DEVICE)
 
 
 @pytest.mark.parametrize("averager", ["ema_every", "lawa", "sema"])
 def test_missing_grads_split_launches_like_reference(averager):
     # Parameters without a gradient split a bucket into several launches, some of them averaging alone.
-    _run_end_to_end("adamw", averager, torch.float32, skip=lambda i, step: (i // 7 + step) % 3 == 0)
-
-
-def _on_device(params):
-    return [p.detach().to(DEVICE, copy=True).requires_grad_() for p in params]
-
-
-def _copy_grads(source, params):
-    """``source``'s gradients (helpers.set_grads makes them on the host) onto ``params``, with torch's semantics."""
-    for q, p in zip(source, params):
-        if q.grad is None:
-            p.grad = None
-        elif p.grad is None:
-            p.grad = q.grad.to(DEVICE, copy=True)
-        else:
-            p.grad.copy_(q.grad)
-
-
-def _run_end_to_end(optimizer, averager, dtype, skip=None, steps=4):
-    name, kwargs = HELPER_OPTIMIZERS[optimizer]
-    host = make_params("many", dtype)
-    ours, ref = _on_device(host), _on_device(host)
-    fused = getattr(fastavg, name)(ours, average=AVERAGERS[averager](), backend="triton", **kwargs)
-    spec = getattr(reference, name)(ref, average=AVERAGERS[averager](), **kwargs)
-    assert fused.backends() == ["triton"]
-    schedules = [torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.5 * s)) for opt in (fused, spec)]
-    for step in range(steps):
-        set_grads(host, step, skip)
-        _copy_grads(host, ours)
-        _copy_grads(host, ref)
-        fused.step()
-        spec.step()
-        for schedule in schedules:
-            schedule.step()
-    assert_same_state(fused, spec, ours, ref, dtype)
+    run_against_reference("triton", "adamw", averager, "many", torch.float32, device=DEVICE,
+                          skip=lambda i, step: (i // 7 + step) % 3 == 0)
 
 
 # --- GPU only: the compiled kernels under torch.compile and in CUDA graphs --------------------------
