@@ -106,7 +106,7 @@ def adam_rule(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, decoupled_decay,
     exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * g * g
     second_moment = exp_avg_sq
     if AMSGRAD:
-        max_exp_avg_sq = tl.maximum(max_exp_avg_sq, exp_avg_sq)
+        max_exp_avg_sq = tl.maximum(max_exp_avg_sq, exp_avg_sq, propagate_nan=tl.PropagateNan.ALL)  # as torch.maximum
         second_moment = max_exp_avg_sq
     # Correctly rounded sqrt and division, as in C++: Triton's defaults are approximate on GPUs.
     denom = tl.div_rn(tl.sqrt_rn(second_moment), bias_correction2_sqrt) + eps

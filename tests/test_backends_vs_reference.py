@@ -71,3 +71,21 @@ def test_cpu_kernel_converts_every_half_precision_value_like_torch(dtype):
     expected = floats.to(dtype)
     assert torch.equal(stored.isnan(), expected.isnan())
     assert torch.equal(stored[~expected.isnan()].view(torch.int16), expected[~expected.isnan()].view(torch.int16))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_amsgrad_propagates_nan_like_torch(backend):
+    ours = torch.randn(37, requires_grad=True)
+    theirs = ours.detach().clone().requires_grad_()
+    opt = fastavg.Adam([ours], amsgrad=True, backend=backend)
+    ref = torch.optim.Adam([theirs], amsgrad=True)
+    for step in range(2):
+        grad = torch.randn(37)
+        grad[5 + step] = float("nan")
+        ours.grad, theirs.grad = grad.clone(), grad.clone()
+        opt.step()
+        ref.step()
+    expected = ref.state[theirs]["max_exp_avg_sq"].isnan()
+    assert expected[5] and expected[6]
+    assert torch.equal(opt.state[ours]["max_exp_avg_sq"].isnan(), expected)
+    assert torch.equal(ours.detach().isnan(), theirs.detach().isnan())
