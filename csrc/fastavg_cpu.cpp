@@ -1,5 +1,6 @@
-// CPU kernels: one pass over each flat buffer, multithreaded with at::parallel_for, compiled for
-// AVX-512, AVX2 and baseline x86-64 and picked at run time (the extension is built once for any CPU).
+// CPU kernels: one pass over each flat buffer, multithreaded with at::parallel_for. On x86-64 they are
+// compiled for AVX-512, AVX2 and the baseline and picked at run time (one build serves any x86 CPU);
+// elsewhere the baseline build is the compiler's default for the target.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -87,6 +88,7 @@ namespace cpu_baseline {
 #include "fastavg_cpu_kernel.inc"
 }  // namespace cpu_baseline
 
+#if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace cpu_avx2 {
@@ -100,10 +102,12 @@ namespace cpu_avx512 {
 #include "fastavg_cpu_kernel.inc"
 }  // namespace cpu_avx512
 #pragma GCC pop_options
+#endif
 
 using StepFunction = void (*)(Optimizer, AverageRule, DType, const StepBuffers&, const StepConfig&);
 
 static StepFunction best_step_for_this_cpu() {
+#if defined(__x86_64__) && defined(__GNUC__)
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")) {
     return cpu_avx512::step;
@@ -111,6 +115,7 @@ static StepFunction best_step_for_this_cpu() {
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
     return cpu_avx2::step;
   }
+#endif
   return cpu_baseline::step;
 }
 
