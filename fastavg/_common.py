@@ -11,7 +11,7 @@ import copy
 
 import torch
 
-from .averaging import LAWA, check_averager
+from .averaging import LAWA, NO_PLAN, AveragePlan, check_averager
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -124,6 +124,20 @@ class AveragingOptimizer(torch.optim.Optimizer):
     def _check_all_groups(self) -> None:
         for group in self.param_groups:
             self._check_group(group)
+
+    def _begin_step(self, closure):
+        """Run the closure (with grad enabled) and re-check the groups a scheduler may have changed."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_all_groups()
+        return loss
+
+    def _advance_average_step(self) -> AveragePlan:
+        """Count this step and return what its averaging does."""
+        self._average_step += 1
+        return self.average.plan(self._average_step) if self.average is not None else NO_PLAN
 
     # --- averaging API ---------------------------------------------------------------------------
     def _require_average(self, index: int) -> None:

@@ -39,7 +39,7 @@ class AveragePlan:
     lawa_slot: int = 0
 
 
-_NO_PLAN = AveragePlan()
+NO_PLAN = AveragePlan()
 
 
 def _check_int(name: str, value, minimum: int) -> int:
@@ -75,12 +75,6 @@ class _Averager:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({args})"
-
-    def __eq__(self, other) -> bool:
-        return type(self) is type(other) and vars(self) == vars(other)
-
-    def __hash__(self) -> int:
-        return hash((type(self).__name__, tuple(sorted(vars(self).items()))))
 
 
 class EMA(_Averager):
@@ -134,7 +128,7 @@ class EMA(_Averager):
         if t <= self.start:
             return AveragePlan(RULE_EMA, (1.0,) * self.num_averages)
         if (t - self.start) % self.every:
-            return _NO_PLAN
+            return NO_PLAN
         u = self.update_count(t)
         return AveragePlan(RULE_EMA, tuple(1.0 - self.decay_at(d, u) for d in self.decay))
 
@@ -195,7 +189,7 @@ class SWA(_Averager):
         if t <= self.start:
             return AveragePlan(RULE_EMA, (1.0,))
         if (t - self.start) % self.every:
-            return _NO_PLAN
+            return NO_PLAN
         n = (t - self.start) // self.every
         return AveragePlan(RULE_EMA, (1.0 / n,))
 
@@ -224,7 +218,7 @@ class LAWA(_Averager):
 
     def plan(self, t: int) -> AveragePlan:
         if t <= self.start or (t - self.start) % self.every:
-            return _NO_PLAN
+            return NO_PLAN
         return AveragePlan(RULE_LAWA, (), lawa_slot=(self.snapshot_count(t) - 1) % self.k)
 
 

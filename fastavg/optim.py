@@ -20,8 +20,6 @@ from .reference import average_kwargs, average_state
 
 __all__ = ["SGD", "Adam", "AdamW"]
 
-_NO_PLAN = AveragePlan()
-
 
 class _FusedOptimizer(AveragingOptimizer):
     def __init__(self, params, defaults, average, backend):
@@ -55,11 +53,7 @@ class _FusedOptimizer(AveragingOptimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One fused optimizer step and averaging; see :mod:`fastavg.reference` for the exact order."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._check_all_groups()
+        loss = self._begin_step(closure)
         if self._on_gpu and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
                 "opt.step() cannot be captured in a CUDA graph: it copies lr, step and the averaging weights from "
@@ -67,8 +61,7 @@ class _FusedOptimizer(AveragingOptimizer):
                 "device tensors, or run the step outside the graph"
             )
         inspected = [bucket.inspect() for bucket in self._all_buckets()]
-        self._average_step += 1
-        plan = self.average.plan(self._average_step) if self.average is not None else _NO_PLAN
+        plan = self._advance_average_step()
         if plan.rule != RULE_NONE:
             for k, weight in enumerate(plan.weights):
                 self._weights_cpu[k] = weight

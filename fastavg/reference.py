@@ -199,13 +199,8 @@ class _ReferenceOptimizer(AveragingOptimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One optimizer step and the averaging that goes with it (the module docstring gives the order)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._check_all_groups()
-        self._average_step += 1
-        plan = self.average.plan(self._average_step) if self.average is not None else AveragePlan()
+        loss = self._begin_step(closure)
+        plan = self._advance_average_step()
         kwargs = average_kwargs(self.average)
         for group in self.param_groups:
             for p in group["params"]:
