@@ -110,7 +110,6 @@ void adam_step(const Launcher& launch, at::Tensor& param, const at::Tensor& grad
   c.eps = static_cast<float>(eps);
   c.weight_decay = static_cast<float>(weight_decay);
   c.decoupled_weight_decay = decoupled_weight_decay;
-  c.amsgrad = amsgrad;
   c.maximize = maximize;
   const AverageRule rule = set_average_state(b, c, average_state, param, average_weights, average_rule, reaction,
                                              inertia, switch_to_average);
@@ -130,7 +129,6 @@ void sgd_step(const Launcher& launch, at::Tensor& param, const at::Tensor& grad,
               "fastavg: optimizer_state must hold the momentum buffer exactly when momentum != 0");
   StepConfig c;
   c.momentum = static_cast<float>(momentum);
-  c.dampening = static_cast<float>(dampening);
   c.one_minus_dampening = static_cast<float>(1.0 - dampening);
   c.weight_decay = static_cast<float>(weight_decay);
   c.nesterov = nesterov;

@@ -31,11 +31,11 @@ constexpr int kMaxAverages = 8;
 // factors: computed in fp32 from an fp32 β they would be off by up to 5e-5 relative (β = 0.999).
 // For the same reason the bias corrections 1 − βᵗ = 1 − 2^(t·log2 β) start from log2 β in double.
 struct StepConfig {
-  float momentum = 0.f, dampening = 0.f, one_minus_dampening = 1.f, weight_decay = 0.f;
+  float momentum = 0.f, one_minus_dampening = 1.f, weight_decay = 0.f;
   float beta2 = 0.f, one_minus_beta1 = 1.f, one_minus_beta2 = 1.f, eps = 0.f;
   double log2_beta1 = 0.0, log2_beta2 = 0.0;
   float reaction = 0.f, inertia = 0.f;
-  bool nesterov = false, maximize = false, amsgrad = false, decoupled_weight_decay = false;
+  bool nesterov = false, maximize = false, decoupled_weight_decay = false;
   bool switch_to_average = false;
 };
 
