@@ -1,5 +1,9 @@
 // The fastavg ops on at::Tensor arguments: checks, then a device's launcher on raw pointers.
 // Shared by the CPU registration (fastavg_ops.cpp) and the CUDA one.
+//
+// `params` (and `grads`) are the tensors the segment table points into, `segments` the int64 (n, 4) table
+// of fastavg_step.h in their memory; state and average buffers are flat and indexed by the table's offsets.
+// An empty `params` list is a no-op.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -12,19 +16,19 @@ namespace fastavg {
 
 using Launcher = std::function<void(Optimizer, AverageRule, DType, const StepBuffers&, const StepConfig&)>;
 
-void adam_step(const Launcher& launch, at::Tensor& param, const at::Tensor& grad, at::TensorList optimizer_state,
-               at::TensorList average_state, const at::Tensor& lr, const at::Tensor& step,
-               const at::Tensor& average_weights, double beta1, double beta2, double eps, double weight_decay,
-               bool decoupled_weight_decay, bool amsgrad, bool maximize, int64_t average_rule, double reaction,
-               double inertia, bool switch_to_average);
+void adam_step(const Launcher& launch, at::TensorList params, at::TensorList grads, const at::Tensor& segments,
+               at::TensorList optimizer_state, at::TensorList average_state, const at::Tensor& lr,
+               const at::Tensor& step, const at::Tensor& average_weights, double beta1, double beta2, double eps,
+               double weight_decay, bool decoupled_weight_decay, bool amsgrad, bool maximize, int64_t average_rule,
+               double reaction, double inertia, bool switch_to_average);
 
-void sgd_step(const Launcher& launch, at::Tensor& param, const at::Tensor& grad, at::TensorList optimizer_state,
-              at::TensorList average_state, const at::Tensor& lr, const at::Tensor& step,
-              const at::Tensor& average_weights, double momentum, double dampening, double weight_decay,
-              bool nesterov, bool maximize, bool heavy_ball, int64_t average_rule, double reaction, double inertia,
-              bool switch_to_average);
+void sgd_step(const Launcher& launch, at::TensorList params, at::TensorList grads, const at::Tensor& segments,
+              at::TensorList optimizer_state, at::TensorList average_state, const at::Tensor& lr,
+              const at::Tensor& step, const at::Tensor& average_weights, double momentum, double dampening,
+              double weight_decay, bool nesterov, bool maximize, bool heavy_ball, int64_t average_rule,
+              double reaction, double inertia, bool switch_to_average);
 
-void average(const Launcher& launch, at::Tensor& param, at::TensorList average_state,
+void average(const Launcher& launch, at::TensorList params, const at::Tensor& segments, at::TensorList average_state,
              const at::Tensor& average_weights, int64_t average_rule, double reaction, double inertia,
              bool switch_to_average);
 

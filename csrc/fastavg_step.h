@@ -1,5 +1,10 @@
-// One fused step over one flat buffer, as raw pointers: what the op registration hands to a device's
+// One fused step over a segment table, as raw pointers: what the op registration hands to a device's
 // kernels. Torch-free, like fastavg_rules.h, so that the CUDA sources compile with nvcc alone.
+//
+// Parameters and gradients stay where their owners put them; the optimizer state and the averages live
+// in flat buffers. A segment is a run of parameter elements that is contiguous in memory (a whole dense
+// parameter, or a slice of one) together with the place of its state: element j of the segment is
+// param[j] / grad[j] and flat_buffer[offset + j] of every state and average buffer.
 #pragma once
 
 #include <cstdint>
@@ -10,18 +15,28 @@ namespace fastavg {
 
 enum class DType : int { float32 = 0, bfloat16 = 1, float16 = 2 };
 
+// One row of the segment table: an int64 tensor of shape (num_segments, 4) in the device's memory, whose
+// columns are these fields in this order. Pointers are stored as integers.
+struct Segment {
+  int64_t param;   // address of the first element (parameter dtype)
+  int64_t grad;    // address of the first gradient element (parameter dtype); 0 for average_
+  int64_t numel;   // elements in the segment, >= 1
+  int64_t offset;  // element index of the segment's first element in the flat state and average buffers
+};
+static_assert(sizeof(Segment) == 4 * sizeof(int64_t), "Segment is one row of an int64 (n, 4) tensor");
+
 struct StepBuffers {
-  int64_t numel = 0;
-  void* param = nullptr;       // parameter dtype
-  const void* grad = nullptr;  // parameter dtype; unused by Optimizer::none
-  // Adam: exp_avg, exp_avg_sq, max_exp_avg_sq (amsgrad); SGD: momentum buffer / velocity. fp32.
+  const Segment* segments = nullptr;  // device memory for the CUDA kernels, host memory for the CPU ones
+  int64_t num_segments = 0;
+  // Flat fp32 buffers indexed by Segment::offset.
+  // Adam: exp_avg, exp_avg_sq, max_exp_avg_sq (amsgrad); SGD: momentum buffer / velocity.
   float* optimizer_state[3] = {nullptr, nullptr, nullptr};
-  // EMA: the averages; BELAY: average; switch alone: average. fp32.
+  // EMA: the averages; BELAY: average; switch alone: average.
   float* averages[kMaxAverages] = {};
   int num_averages = 0;
   float* average_velocity = nullptr;  // BELAY with inertia > 0
   float* lawa_sum = nullptr;          // LAWA, fp32
-  void* lawa_ring_slot = nullptr;     // LAWA, parameter dtype
+  void* lawa_ring_slot = nullptr;     // LAWA, parameter dtype, indexed by Segment::offset too
   // One-element fp32 values in the same memory as the buffers, read by the kernel.
   const float* lr = nullptr;
   const float* step = nullptr;
