@@ -1,18 +1,19 @@
 """Which kernels run a bucket's step: ``reference`` (pure torch), ``cpu`` and ``cuda`` (the compiled
 extension ``fastavg._C``), ``triton``. Every backend exposes the three ops with one signature:
 
-``adam_step_(param, grad, optimizer_state, average_state, lr, step, average_weights, beta1, beta2, eps,
-weight_decay, decoupled_weight_decay, amsgrad, maximize, average_rule, reaction, inertia, switch_to_average)``
+``adam_step_(params, grads, segments, optimizer_state, average_state, lr, step, average_weights, beta1, beta2,
+eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, average_rule, reaction, inertia, switch_to_average)``
 
-``sgd_step_(param, grad, optimizer_state, average_state, lr, step, average_weights, momentum, dampening,
-weight_decay, nesterov, maximize, heavy_ball, average_rule, reaction, inertia, switch_to_average)``
+``sgd_step_(params, grads, segments, optimizer_state, average_state, lr, step, average_weights, momentum,
+dampening, weight_decay, nesterov, maximize, heavy_ball, average_rule, reaction, inertia, switch_to_average)``
 
-``average_(param, average_state, average_weights, average_rule, reaction, inertia, switch_to_average)``
+``average_(params, segments, average_state, average_weights, average_rule, reaction, inertia, switch_to_average)``
 
-``param``/``grad`` are flat buffers of the parameter dtype; ``optimizer_state`` lists fp32 buffers (Adam:
-exp_avg, exp_avg_sq[, max_exp_avg_sq]; SGD: [momentum_buffer] when momentum != 0); ``average_state`` is
-:func:`fastavg.reference.average_state`'s list; ``lr``, ``step`` and ``average_weights`` are fp32 tensors
-in the buffers' memory, read by the kernels.
+``params``/``grads`` are lists of dense tensors of one dtype and device and ``segments`` the int64 table of
+:mod:`fastavg._segments` that points into them; ``optimizer_state`` lists flat fp32 buffers (Adam: exp_avg,
+exp_avg_sq[, max_exp_avg_sq]; SGD: [momentum_buffer] when momentum != 0) and ``average_state`` is
+:func:`fastavg.reference.average_state`'s list of flat buffers, all indexed by the table's offsets; ``lr``,
+``step`` and ``average_weights`` are fp32 tensors in the buffers' memory, read by the kernels.
 """
 from __future__ import annotations
 
@@ -21,46 +22,61 @@ from types import SimpleNamespace
 
 import torch
 
-from . import reference
+from . import _segments, reference
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _reference_adam_step_(param, grad, optimizer_state, average_state, lr, step, average_weights, beta1, beta2,
-                          eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, average_rule, reaction,
+def _reference_rows(params, grads, segments, buffers):
+    """Per segment row: θ's memory, the gradient's (or None) and the row's slice of each flat buffer list."""
+    for i, start, numel, offset in _segments.row_spans(segments, params):
+        theta = _segments.memory_view(params[i])[start:start + numel]
+        grad = _segments.memory_view(grads[i])[start:start + numel] if grads is not None else None
+
+        def part(flat, offset=offset, numel=numel):
+            return flat[offset:offset + numel]
+
+        yield theta, grad, [[part(t) for t in group] for group in buffers]
+
+
+def _reference_adam_step_(params, grads, segments, optimizer_state, average_state, lr, step, average_weights, beta1,
+                          beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, average_rule, reaction,
                           inertia, switch_to_average):
-    dtype = optimizer_state[0].dtype
-    work = param.to(dtype, copy=True)
-    reference.adam_rule(work, grad.to(dtype), optimizer_state[0], optimizer_state[1],
-                        optimizer_state[2] if amsgrad else None, lr=float(lr), step=float(step), beta1=beta1,
-                        beta2=beta2, eps=eps, weight_decay=weight_decay,
-                        decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad, maximize=maximize)
-    _reference_average(param, reference.round_to(work, param.dtype), average_state, average_weights, average_rule,
-                       reaction, inertia, switch_to_average)
+    for param, grad, (state, averages) in _reference_rows(params, grads, segments, [optimizer_state, average_state]):
+        dtype = state[0].dtype
+        work = param.to(dtype, copy=True)
+        reference.adam_rule(work, grad.to(dtype), state[0], state[1], state[2] if amsgrad else None, lr=float(lr),
+                            step=float(step), beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                            decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad, maximize=maximize)
+        _reference_average(param, reference.round_to(work, param.dtype), averages, average_weights, average_rule,
+                           reaction, inertia, switch_to_average)
 
 
-def _reference_sgd_step_(param, grad, optimizer_state, average_state, lr, step, average_weights, momentum,
-                         dampening, weight_decay, nesterov, maximize, heavy_ball, average_rule, reaction, inertia,
-                         switch_to_average):
-    dtype = reference.compute_dtype(param.dtype)
-    work = param.to(dtype, copy=True)
-    buffer = optimizer_state[0] if optimizer_state else None
-    if heavy_ball:
-        reference.sgd_heavy_ball_rule(work, grad.to(dtype), buffer, lr=float(lr), momentum=momentum,
-                                      weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
-    else:
-        reference.sgd_torch_rule(work, grad.to(dtype), buffer, lr=float(lr), momentum=momentum, dampening=dampening,
-                                 weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
-                                 first_step=float(step) == 1)
-    _reference_average(param, reference.round_to(work, param.dtype), average_state, average_weights, average_rule,
-                       reaction, inertia, switch_to_average)
+def _reference_sgd_step_(params, grads, segments, optimizer_state, average_state, lr, step, average_weights,
+                         momentum, dampening, weight_decay, nesterov, maximize, heavy_ball, average_rule, reaction,
+                         inertia, switch_to_average):
+    for param, grad, (state, averages) in _reference_rows(params, grads, segments, [optimizer_state, average_state]):
+        dtype = reference.compute_dtype(param.dtype)
+        work = param.to(dtype, copy=True)
+        buffer = state[0] if state else None
+        if heavy_ball:
+            reference.sgd_heavy_ball_rule(work, grad.to(dtype), buffer, lr=float(lr), momentum=momentum,
+                                          weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
+        else:
+            reference.sgd_torch_rule(work, grad.to(dtype), buffer, lr=float(lr), momentum=momentum,
+                                     dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                                     maximize=maximize, first_step=float(step) == 1)
+        _reference_average(param, reference.round_to(work, param.dtype), averages, average_weights, average_rule,
+                           reaction, inertia, switch_to_average)
 
 
-def _reference_average_(param, average_state, average_weights, average_rule, reaction, inertia, switch_to_average):
-    work = param.to(reference.compute_dtype(param.dtype), copy=True)
-    _reference_average(param, work, average_state, average_weights, average_rule, reaction, inertia,
-                       switch_to_average)
+def _reference_average_(params, segments, average_state, average_weights, average_rule, reaction, inertia,
+                        switch_to_average):
+    for param, _, (averages,) in _reference_rows(params, None, segments, [average_state]):
+        work = param.to(reference.compute_dtype(param.dtype), copy=True)
+        _reference_average(param, work, averages, average_weights, average_rule, reaction, inertia,
+                           switch_to_average)
 
 
 def _reference_average(param, work, average_state, average_weights, average_rule, reaction, inertia,
