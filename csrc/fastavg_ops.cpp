@@ -2,7 +2,9 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "fastavg_ops.h"
 
@@ -18,11 +20,11 @@ DType dtype_of(const at::Tensor& param) {
   }
 }
 
+// A flat state or average buffer: on the parameters' device, of `dtype`, contiguous and 1-D.
 void check_buffer(const at::Tensor& t, const at::Tensor& param, at::ScalarType dtype, const char* name) {
-  TORCH_CHECK(t.device() == param.device(), "fastavg: ", name, " is on ", t.device(), ", param on ", param.device());
+  TORCH_CHECK(t.device() == param.device(), "fastavg: ", name, " is on ", t.device(), ", params on ", param.device());
   TORCH_CHECK(t.scalar_type() == dtype, "fastavg: ", name, " must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.is_contiguous() && t.numel() == param.numel(), "fastavg: ", name,
-              " must be contiguous with as many elements as param (", param.numel(), ")");
+  TORCH_CHECK(t.is_contiguous() && t.dim() == 1, "fastavg: ", name, " must be a contiguous 1-D (flat) buffer");
 }
 
 const float* scalars(const at::Tensor& t, const at::Tensor& param, int64_t count, const char* name) {
@@ -32,17 +34,65 @@ const float* scalars(const at::Tensor& t, const at::Tensor& param, int64_t count
   return t.data_ptr<float>();
 }
 
-StepBuffers param_buffers(at::Tensor& param, const at::Tensor* grad) {
-  dtype_of(param);
-  TORCH_CHECK(param.is_contiguous(), "fastavg: param must be contiguous (a flat buffer)");
-  StepBuffers b;
-  b.numel = param.numel();
-  b.param = param.data_ptr();
-  if (grad != nullptr) {
-    check_buffer(*grad, param, param.scalar_type(), "grad");
-    b.grad = grad->data_ptr();
+// The parameter and gradient lists and the segment table. On the CPU the table is in host memory, so
+// every row is checked against the lists and the flat buffers' sizes (`flat_numel`); on a GPU the
+// table stays in device memory and only its shape is checked.
+StepBuffers segment_buffers(at::TensorList params, const at::TensorList* grads, const at::Tensor& segments) {
+  const at::Tensor& first = params[0];
+  dtype_of(first);
+  TORCH_CHECK(segments.scalar_type() == at::kLong && segments.dim() == 2 && segments.size(1) == 4 &&
+                  segments.is_contiguous() && segments.device() == first.device(),
+              "fastavg: segments must be a contiguous int64 (n, 4) tensor on ", first.device());
+  for (const at::Tensor& p : params) {
+    TORCH_CHECK(p.scalar_type() == first.scalar_type() && p.device() == first.device(),
+                "fastavg: params must share one dtype and device, got ", p.scalar_type(), " on ", p.device(),
+                " beside ", first.scalar_type(), " on ", first.device());
   }
+  if (grads != nullptr) {
+    TORCH_CHECK(grads->size() == params.size(), "fastavg: grads must hold one tensor per param, got ", grads->size(),
+                " for ", params.size());
+    for (size_t i = 0; i < params.size(); ++i) {
+      const at::Tensor& g = (*grads)[i];
+      TORCH_CHECK(g.scalar_type() == first.scalar_type() && g.device() == first.device() &&
+                      g.numel() == params[i].numel(),
+                  "fastavg: grads[", i, "] must match params[", i, "] in dtype, device and size");
+    }
+  }
+  StepBuffers b;
+  b.segments = reinterpret_cast<const Segment*>(segments.data_ptr<int64_t>());
+  b.num_segments = segments.size(0);
   return b;
+}
+
+// The memory [address, address + bytes) lies inside `t`'s elements.
+bool inside(int64_t address, int64_t bytes, const at::Tensor& t) {
+  const auto begin = reinterpret_cast<int64_t>(t.data_ptr());
+  return address >= begin && address + bytes <= begin + t.numel() * static_cast<int64_t>(t.element_size());
+}
+
+// CPU only: every row points inside its tensors and its flat-buffer range exists, so that a wrong table
+// raises here instead of corrupting memory in the kernel.
+void check_rows_cpu(const StepBuffers& b, at::TensorList params, const at::TensorList* grads, int64_t flat_numel) {
+  const int64_t size = static_cast<int64_t>(params[0].element_size());
+  size_t i = 0;
+  for (int64_t r = 0; r < b.num_segments; ++r) {
+    const Segment& s = b.segments[r];
+    while (i < params.size() && !inside(s.param, s.numel * size, params[i])) ++i;
+    TORCH_CHECK(s.numel >= 1 && i < params.size(), "fastavg: segment row ", r,
+                " does not point inside params (rows must follow the params' order)");
+    TORCH_CHECK(grads == nullptr || inside(s.grad, s.numel * size, (*grads)[i]), "fastavg: segment row ", r,
+                " does not point inside grads[", i, "]");
+    TORCH_CHECK(s.offset >= 0 && s.offset + s.numel <= flat_numel, "fastavg: segment row ", r,
+                " reaches past the flat buffers (", flat_numel, " elements)");
+  }
+}
+
+// The smallest size among the flat buffers a launch touches: every row must fit inside it.
+int64_t min_flat_numel(at::TensorList optimizer_state, at::TensorList average_state) {
+  int64_t numel = std::numeric_limits<int64_t>::max();
+  for (const at::Tensor& t : optimizer_state) numel = std::min(numel, t.numel());
+  for (const at::Tensor& t : average_state) numel = std::min(numel, t.numel());
+  return numel;
 }
 
 void set_optimizer_state(StepBuffers& b, at::TensorList state, const at::Tensor& param, size_t min_size,
@@ -92,14 +142,27 @@ AverageRule set_average_state(StepBuffers& b, StepConfig& c, at::TensorList stat
   return rule;
 }
 
+// Runs `launch` after the CPU-only row checks; nothing to do for an empty launch.
+void checked_launch(const Launcher& launch, Optimizer o, AverageRule r, at::TensorList params,
+                    const at::TensorList* grads, const StepBuffers& b, const StepConfig& c,
+                    at::TensorList optimizer_state, at::TensorList average_state) {
+  if (params[0].device().is_cpu()) {
+    check_rows_cpu(b, params, grads, min_flat_numel(optimizer_state, average_state));
+  }
+  if (b.num_segments == 0) return;
+  launch(o, r, dtype_of(params[0]), b, c);
+}
+
 }  // namespace
 
-void adam_step(const Launcher& launch, at::Tensor& param, const at::Tensor& grad, at::TensorList optimizer_state,
-               at::TensorList average_state, const at::Tensor& lr, const at::Tensor& step,
-               const at::Tensor& average_weights, double beta1, double beta2, double eps, double weight_decay,
-               bool decoupled_weight_decay, bool amsgrad, bool maximize, int64_t average_rule, double reaction,
-               double inertia, bool switch_to_average) {
-  StepBuffers b = param_buffers(param, &grad);
+void adam_step(const Launcher& launch, at::TensorList params, at::TensorList grads, const at::Tensor& segments,
+               at::TensorList optimizer_state, at::TensorList average_state, const at::Tensor& lr,
+               const at::Tensor& step, const at::Tensor& average_weights, double beta1, double beta2, double eps,
+               double weight_decay, bool decoupled_weight_decay, bool amsgrad, bool maximize, int64_t average_rule,
+               double reaction, double inertia, bool switch_to_average) {
+  if (params.empty()) return;
+  const at::Tensor& param = params[0];
+  StepBuffers b = segment_buffers(params, &grads, segments);
   set_optimizer_state(b, optimizer_state, param, amsgrad ? 3 : 2, amsgrad ? 3 : 2);
   StepConfig c;
   c.beta2 = static_cast<float>(beta2);
@@ -115,15 +178,17 @@ void adam_step(const Launcher& launch, at::Tensor& param, const at::Tensor& grad
                                              inertia, switch_to_average);
   b.lr = scalars(lr, param, 1, "lr");
   b.step = scalars(step, param, 1, "step");
-  launch(Optimizer::adam, rule, dtype_of(param), b, c);
+  checked_launch(launch, Optimizer::adam, rule, params, &grads, b, c, optimizer_state, average_state);
 }
 
-void sgd_step(const Launcher& launch, at::Tensor& param, const at::Tensor& grad, at::TensorList optimizer_state,
-              at::TensorList average_state, const at::Tensor& lr, const at::Tensor& step,
-              const at::Tensor& average_weights, double momentum, double dampening, double weight_decay,
-              bool nesterov, bool maximize, bool heavy_ball, int64_t average_rule, double reaction, double inertia,
-              bool switch_to_average) {
-  StepBuffers b = param_buffers(param, &grad);
+void sgd_step(const Launcher& launch, at::TensorList params, at::TensorList grads, const at::Tensor& segments,
+              at::TensorList optimizer_state, at::TensorList average_state, const at::Tensor& lr,
+              const at::Tensor& step, const at::Tensor& average_weights, double momentum, double dampening,
+              double weight_decay, bool nesterov, bool maximize, bool heavy_ball, int64_t average_rule,
+              double reaction, double inertia, bool switch_to_average) {
+  if (params.empty()) return;
+  const at::Tensor& param = params[0];
+  StepBuffers b = segment_buffers(params, &grads, segments);
   set_optimizer_state(b, optimizer_state, param, 0, 1);
   TORCH_CHECK((momentum != 0) == (optimizer_state.size() == 1),
               "fastavg: optimizer_state must hold the momentum buffer exactly when momentum != 0");
@@ -137,34 +202,36 @@ void sgd_step(const Launcher& launch, at::Tensor& param, const at::Tensor& grad,
                                              inertia, switch_to_average);
   b.lr = scalars(lr, param, 1, "lr");
   b.step = scalars(step, param, 1, "step");
-  launch(heavy_ball ? Optimizer::sgd_heavy_ball : Optimizer::sgd_torch, rule, dtype_of(param), b, c);
+  checked_launch(launch, heavy_ball ? Optimizer::sgd_heavy_ball : Optimizer::sgd_torch, rule, params, &grads, b, c,
+                 optimizer_state, average_state);
 }
 
-void average(const Launcher& launch, at::Tensor& param, at::TensorList average_state,
+void average(const Launcher& launch, at::TensorList params, const at::Tensor& segments, at::TensorList average_state,
              const at::Tensor& average_weights, int64_t average_rule, double reaction, double inertia,
              bool switch_to_average) {
-  StepBuffers b = param_buffers(param, nullptr);
+  if (params.empty()) return;
+  StepBuffers b = segment_buffers(params, nullptr, segments);
   StepConfig c;
-  const AverageRule rule = set_average_state(b, c, average_state, param, average_weights, average_rule, reaction,
+  const AverageRule rule = set_average_state(b, c, average_state, params[0], average_weights, average_rule, reaction,
                                              inertia, switch_to_average);
-  launch(Optimizer::none, rule, dtype_of(param), b, c);
+  checked_launch(launch, Optimizer::none, rule, params, nullptr, b, c, {}, average_state);
 }
 
 }  // namespace fastavg
 
 TORCH_LIBRARY(fastavg, m) {
   m.def(
-      "adam_step_(Tensor(a!) param, Tensor grad, Tensor(b!)[] optimizer_state, Tensor(c!)[] average_state, "
+      "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor segments, Tensor(b!)[] optimizer_state, Tensor(c!)[] average_state, "
       "Tensor lr, Tensor step, Tensor average_weights, float beta1, float beta2, float eps, float weight_decay, "
       "bool decoupled_weight_decay, bool amsgrad, bool maximize, int average_rule, float reaction, float inertia, "
       "bool switch_to_average) -> ()");
   m.def(
-      "sgd_step_(Tensor(a!) param, Tensor grad, Tensor(b!)[] optimizer_state, Tensor(c!)[] average_state, "
+      "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor segments, Tensor(b!)[] optimizer_state, Tensor(c!)[] average_state, "
       "Tensor lr, Tensor step, Tensor average_weights, float momentum, float dampening, float weight_decay, "
       "bool nesterov, bool maximize, bool heavy_ball, int average_rule, float reaction, float inertia, "
       "bool switch_to_average) -> ()");
   m.def(
-      "average_(Tensor(a!) param, Tensor(c!)[] average_state, Tensor average_weights, int average_rule, "
+      "average_(Tensor(a!)[] params, Tensor segments, Tensor(c!)[] average_state, Tensor average_weights, int average_rule, "
       "float reaction, float inertia, bool switch_to_average) -> ()");
 }
 
@@ -175,29 +242,30 @@ void launch_cpu(fastavg::Optimizer o, fastavg::AverageRule r, fastavg::DType d, 
   fastavg::step_cpu(o, r, d, b, c);
 }
 
-void adam_step_cpu(at::Tensor& param, const at::Tensor& grad, at::TensorList optimizer_state,
-                   at::TensorList average_state, const at::Tensor& lr, const at::Tensor& step,
-                   const at::Tensor& average_weights, double beta1, double beta2, double eps, double weight_decay,
-                   bool decoupled_weight_decay, bool amsgrad, bool maximize, int64_t average_rule, double reaction,
-                   double inertia, bool switch_to_average) {
-  fastavg::adam_step(launch_cpu, param, grad, optimizer_state, average_state, lr, step, average_weights, beta1, beta2,
-                     eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, average_rule, reaction, inertia,
-                     switch_to_average);
+void adam_step_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& segments,
+                   at::TensorList optimizer_state, at::TensorList average_state, const at::Tensor& lr,
+                   const at::Tensor& step, const at::Tensor& average_weights, double beta1, double beta2, double eps,
+                   double weight_decay, bool decoupled_weight_decay, bool amsgrad, bool maximize,
+                   int64_t average_rule, double reaction, double inertia, bool switch_to_average) {
+  fastavg::adam_step(launch_cpu, params, grads, segments, optimizer_state, average_state, lr, step, average_weights,
+                     beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, average_rule,
+                     reaction, inertia, switch_to_average);
 }
 
-void sgd_step_cpu(at::Tensor& param, const at::Tensor& grad, at::TensorList optimizer_state,
-                  at::TensorList average_state, const at::Tensor& lr, const at::Tensor& step,
-                  const at::Tensor& average_weights, double momentum, double dampening, double weight_decay,
-                  bool nesterov, bool maximize, bool heavy_ball, int64_t average_rule, double reaction, double inertia,
-                  bool switch_to_average) {
-  fastavg::sgd_step(launch_cpu, param, grad, optimizer_state, average_state, lr, step, average_weights, momentum,
-                    dampening, weight_decay, nesterov, maximize, heavy_ball, average_rule, reaction, inertia,
+void sgd_step_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& segments,
+                  at::TensorList optimizer_state, at::TensorList average_state, const at::Tensor& lr,
+                  const at::Tensor& step, const at::Tensor& average_weights, double momentum, double dampening,
+                  double weight_decay, bool nesterov, bool maximize, bool heavy_ball, int64_t average_rule,
+                  double reaction, double inertia, bool switch_to_average) {
+  fastavg::sgd_step(launch_cpu, params, grads, segments, optimizer_state, average_state, lr, step, average_weights,
+                    momentum, dampening, weight_decay, nesterov, maximize, heavy_ball, average_rule, reaction, inertia,
                     switch_to_average);
 }
 
-void average_cpu(at::Tensor& param, at::TensorList average_state, const at::Tensor& average_weights,
-                 int64_t average_rule, double reaction, double inertia, bool switch_to_average) {
-  fastavg::average(launch_cpu, param, average_state, average_weights, average_rule, reaction, inertia,
+void average_cpu(at::TensorList params, const at::Tensor& segments, at::TensorList average_state,
+                 const at::Tensor& average_weights, int64_t average_rule, double reaction, double inertia,
+                 bool switch_to_average) {
+  fastavg::average(launch_cpu, params, segments, average_state, average_weights, average_rule, reaction, inertia,
                    switch_to_average);
 }
 

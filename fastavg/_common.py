@@ -2,7 +2,8 @@
 
 Both keep, for every parameter ``p``, ``self.state[p]`` with torch's keys (``step``, ``exp_avg``, ...)
 plus the averaging buffers (``average_0`` ..., ``average_velocity``, ``lawa_sum``, ``lawa_ring``),
-allocated when the optimizer is built. In the fused optimizers these are views into flat buffers.
+allocated when the optimizer is built; averages are seeded from θ at the first step. In the fused
+optimizers these are views into flat buffers.
 """
 from __future__ import annotations
 
@@ -153,8 +154,10 @@ class AveragingOptimizer(torch.optim.Optimizer):
         return [p for group in self.param_groups for p in group["params"]]
 
     def _average_of(self, p, index: int) -> torch.Tensor:
-        """The average of ``p`` in fp32: a view for EMA/BELAY/SWA/SEMA, computed for LAWA."""
+        """The average of ``p`` in fp32: a view for EMA/BELAY/SWA/SEMA, computed for LAWA; θ before any step."""
         state = self.state[p]
+        if self._average_step == 0:
+            return p.detach().to(compute_dtype(p.dtype), copy=True)
         if isinstance(self.average, LAWA):
             count = min(self.average.snapshot_count(self._average_step), self.average.k)
             if count == 0:
@@ -167,7 +170,8 @@ class AveragingOptimizer(torch.optim.Optimizer):
         """The average of every parameter, in order, shaped like the parameters (fp32).
 
         For EMA, BELAY, SWA and SEMA these are live views of the average; for LAWA they are computed
-        (``S / min(count, k)``) at the call. ``index`` picks one decay of a multi-decay EMA.
+        (``S / min(count, k)``) at the call. ``index`` picks one decay of a multi-decay EMA. Before the
+        first step, when no average exists yet, they are copies of the parameters.
         """
         self._require_average(index)
         return [self._average_of(p, index) for p in self._params()]
@@ -278,16 +282,16 @@ class AveragingOptimizer(torch.optim.Optimizer):
 
 # The public constructors, shared by the fused optimizers and their reference twins so that both
 # have the same signatures by construction. Each calls the next class in the MRO with
-# ``(params, defaults, average, backend)``.
+# ``(params, defaults, average, backend, flat_params)``.
 class SGDArguments:
     _check_group = staticmethod(check_sgd_group)
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
-                 maximize=False, momentum_style="torch", average=None, backend=None):
+                 maximize=False, momentum_style="torch", average=None, backend=None, flat_params=False):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, momentum_style=momentum_style)
         check_sgd_group(defaults)
-        super().__init__(params, defaults, average, backend)
+        super().__init__(params, defaults, average, backend, flat_params)
 
     def _optimizer_state(self, group: dict) -> tuple[str, ...]:
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
@@ -298,11 +302,11 @@ class AdamArguments:
     _decoupled_weight_decay = False
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, *,
-                 maximize=False, average=None, backend=None):
+                 maximize=False, average=None, backend=None, flat_params=False):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
                         weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
         check_adam_group(defaults)
-        super().__init__(params, defaults, average, backend)
+        super().__init__(params, defaults, average, backend, flat_params)
 
     def _optimizer_state(self, group: dict) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
@@ -312,6 +316,6 @@ class AdamWArguments(AdamArguments):
     _decoupled_weight_decay = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
-                 maximize=False, average=None, backend=None):
+                 maximize=False, average=None, backend=None, flat_params=False):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, average=average,
-                         backend=backend)
+                         backend=backend, flat_params=flat_params)

@@ -1,191 +1,282 @@
-"""Flat buffers: the parameters of one (param group, device, dtype) packed into contiguous memory.
+"""Buckets: the optimizer state and averages of one (param group, device, dtype) in flat buffers.
 
-A :class:`Bucket` owns one contiguous buffer each for the data, the gradients, every optimizer state
-and every average. Each parameter's segment starts on a 128-byte boundary; ``p.data`` and ``p.grad``
-become views of their segments, keeping the parameter's strides when its layout is dense and
-non-overlapping (channels_last, transposes), so that element ``i`` of every buffer belongs to the same
-weight. Padding is zero and stays zero: every rule maps zeros to zeros.
+A :class:`Bucket` owns one contiguous buffer for every optimizer state and every average. Each
+parameter has a segment in them that starts on a 128-byte boundary and is laid out like the parameter
+in memory (channels_last, transposes), so that element ``j`` of the parameter's memory is element
+``offset + j`` of every buffer; ``optimizer.state[p]`` holds views of the segments, shaped and strided
+like ``p``. Padding is zero and stays zero: every rule maps zeros to zeros.
 
-Gradients follow torch: a gradient that is our view is used in place; a gradient that is another
-tensor (``p.grad`` set by hand, or allocated by backward after ``zero_grad(set_to_none=True)``) is
-copied into the segment and ``p.grad`` is made the view again; a parameter whose grad is None is
-skipped by the optimizer rule. A parameter that no longer lives in its segment (``p.data`` replaced)
-is copied back in when its shape, dtype and device still match; otherwise the step raises.
+Parameters and gradients stay where their owners put them: a step hands the kernels a segment table
+(:mod:`fastavg._segments`) of the parameters' and gradients' addresses, cached on the device and
+rebuilt only when an address or the set of parameters with a gradient changes. A parameter whose grad
+is None is skipped by the optimizer rule, as in torch. Tensors the kernels cannot address directly
+(a parameter with gaps or overlaps in memory, a gradient laid out unlike its parameter) go through a
+staging copy. A parameter given a new layout (``model.to(memory_format=torch.channels_last)``) keeps its
+state: the segments are re-laid out to match.
+
+``flat_params=True`` is the opt-in layout where the parameters and gradients themselves become views of
+a flat data and gradient buffer (``p.data`` and ``p.grad`` are assigned): with every gradient a view
+(``zero_grad(set_to_none=False)``) and one step count, a step is a single segment per bucket.
 """
 from __future__ import annotations
 
 import torch
 
+from . import _segments
 from ._common import compute_dtype
 from .reference import init_average_state
 
 ALIGN_BYTES = 128
 
 
-def _dense_strides(t: torch.Tensor) -> tuple[int, ...]:
-    """``t``'s strides if its layout is dense and non-overlapping, else contiguous strides."""
-    if t.is_contiguous():
+def _memory_order_strides(t: torch.Tensor) -> tuple[int, ...]:
+    """``t``'s strides if its layout is dense, else contiguous strides: the layout of its segments."""
+    if _segments.is_dense(t):
         return t.stride()
-    order = sorted(range(t.dim()), key=lambda d: (t.stride(d), -d))
-    expected = 1
-    for d in order:
-        if t.size(d) != 1 and t.stride(d) != expected:
-            return torch.empty(t.shape, device="meta").stride()
-        expected *= t.size(d)
-    return t.stride()
+    return torch.empty(t.shape, device="meta").stride()
+
+
+def _same_layout(t: torch.Tensor, strides: tuple[int, ...]) -> bool:
+    """Whether ``t`` is dense and laid out in memory as ``strides`` say (size-1 dimensions aside)."""
+    return _segments.is_dense(t) and all(n == 1 or s == e for n, s, e in zip(t.shape, t.stride(), strides))
 
 
 def _describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, {t.dtype}, {t.device}"
 
 
+class _Launch:
+    """One kernel launch: which parameters, the segment table, and staging copies around it.
+
+    It keeps indices rather than tensors, so that a cached launch holds no gradient alive; ``tensors``
+    gathers this step's parameters and gradients.
+    """
+
+    def __init__(self, indices, table, param_staging, grad_staging, flat=None):
+        self.indices = indices
+        self.table = table
+        self.param_staging = param_staging  # {position in the launch: staging tensor} for undense parameters
+        self.grad_staging = grad_staging  # {position: staging tensor} for gradients laid out unlike θ
+        self.flat = flat  # flat_params with every gradient a view: (data, grad), the whole bucket
+
+    def tensors(self, params, grads):
+        """This step's ``(params, grads)`` lists for the launch, staged; ``grads`` None for averaging alone."""
+        if self.flat is not None:
+            return [self.flat[0]], [self.flat[1]]
+        ps = [params[i] for i in self.indices]
+        gs = [grads[i] for i in self.indices] if grads is not None else None
+        for k, staging in self.param_staging.items():
+            staging.copy_(ps[k])
+            ps[k] = staging
+        for k, staging in self.grad_staging.items():
+            staging.copy_(gs[k])
+            gs[k] = staging
+        return ps, gs
+
+    def finish(self, params) -> None:
+        """Copy staged parameters back."""
+        for k, staging in self.param_staging.items():
+            params[self.indices[k]].copy_(staging)
+
+
 class Bucket:
-    """The flat buffers of one (param group, device, dtype) and the parameters living in them."""
+    """The flat state and average buffers of one (param group, device, dtype), and how to launch on them."""
 
     def __init__(self, params: list[torch.Tensor], optimizer_state: tuple[str, ...], average, state: dict,
-                 group_index: int, backend):
+                 group_index: int, backend, flat_params: bool = False):
         self.params = params
         self.backend = backend
         self.group_index = group_index
         self.dtype = params[0].dtype
         self.device = params[0].device
         self.state_dtype = compute_dtype(self.dtype)
+        self.flat_params = flat_params
+        self.state = state
         align = max(ALIGN_BYTES // params[0].element_size(), 1)
+        self.shapes = [p.shape for p in params]
         self.offsets, self.strides, offset = [], [], 0
         for p in params:
             self.offsets.append(offset)
-            self.strides.append(_dense_strides(p))
+            self.strides.append(_memory_order_strides(p))
             offset += -(-p.numel() // align) * align
         self.numel = offset
-        self.data = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
-        self.grad = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
-        self.data_views = [self._view(self.data, i) for i in range(len(params))]
-        self.grad_views = [self._view(self.grad, i) for i in range(len(params))]
-        for p, view in zip(params, self.data_views):
-            view.copy_(p.detach())
         self.buffers: dict[str, torch.Tensor] = {}
         for name in optimizer_state:
-            self.add_buffer(name, state)
-        self._init_average_buffers(average, state)
+            self.add_buffer(name)
+        self._init_average_buffers(average)
         self.steps = torch.zeros(len(params), dtype=torch.float32)
-        for i, (p, view) in enumerate(zip(params, self.data_views)):
-            p.data = view
+        for i, p in enumerate(params):
             state[p]["step"] = self.steps[i]
-        self._data_ptrs = [v.data_ptr() for v in self.data_views]
         self._uniform_steps = True
+        self.data = self.grad = None
+        if flat_params:
+            self._init_flat_params()
+        self._cache_key = None
+        self._cache = None
         # The per-launch scalars (lr, step, averaging weights) the kernels read: on the CPU lr lives
         # here and step in ``steps``; on a GPU all of them travel in ``scalars``, made at the first step.
         self.lr_cpu = torch.zeros(1) if self.device.type == "cpu" else None
         self.scalars = None
 
-    def _view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
-        p = self.params[i]
-        return flat.as_strided(p.shape, self.strides[i], self.offsets[i])
+    # --- layout -----------------------------------------------------------------------------------
+    def view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
+        """Parameter ``i``'s segment of a flat buffer, shaped and strided like the parameter."""
+        return flat.as_strided(self.shapes[i], self.strides[i], self.offsets[i])
 
-    def add_buffer(self, name: str, state: dict) -> None:
-        """A zeroed fp32 state buffer, with per-parameter views in ``state``."""
+    def _state_view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
+        if flat.dim() == 2:  # LAWA's ring: k snapshots
+            return flat.as_strided((flat.shape[0], *self.shapes[i]), (self.numel, *self.strides[i]), self.offsets[i])
+        return self.view(flat, i)
+
+    def add_buffer(self, name: str) -> None:
+        """A zeroed state buffer, with per-parameter views in ``state``."""
         flat = torch.zeros(self.numel, dtype=self.state_dtype, device=self.device)
         self.buffers[name] = flat
         for i, p in enumerate(self.params):
-            state[p][name] = self._view(flat, i)
+            self.state[p][name] = self.view(flat, i)
 
-    def _init_average_buffers(self, average, state: dict) -> None:
-        """The averaging buffers, flat: averages start as a copy of the data, the rest as zeros."""
+    def _init_average_buffers(self, average) -> None:
+        """The averaging buffers, zeroed: averages are seeded from θ at the first step (:meth:`seed_averages`)."""
         kinds: dict = {}
         init_average_state(kinds, average, self.params[0], lambda kind: kind)
         for name, kind in kinds.items():
-            if kind == "copy":
-                flat = self.data.to(self.state_dtype, copy=True)
-            elif kind == "zeros":
-                flat = torch.zeros(self.numel, dtype=self.state_dtype, device=self.device)
-            else:
+            if isinstance(kind, tuple):
                 flat = torch.zeros((kind[1], self.numel), dtype=self.dtype, device=self.device)
+            else:
+                flat = torch.zeros(self.numel, dtype=self.state_dtype, device=self.device)
             self.buffers[name] = flat
             for i, p in enumerate(self.params):
-                if flat.dim() == 2:
-                    size, stride = (flat.shape[0], *p.shape), (self.numel, *self.strides[i])
-                    state[p][name] = flat.as_strided(size, stride, self.offsets[i])
-                else:
-                    state[p][name] = self._view(flat, i)
+                self.state[p][name] = self._state_view(flat, i)
+        self.average_names = [name for name, kind in kinds.items() if kind == "average"]
+
+    def _init_flat_params(self) -> None:
+        self.data = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+        self.grad = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+        for i, p in enumerate(self.params):
+            self.view(self.data, i).copy_(p.detach())
+            p.data = self.view(self.data, i)
+            if p.grad is not None:
+                self.view(self.grad, i).copy_(p.grad)
+                p.grad = self.view(self.grad, i)
+
+    def _relayout(self, i: int, strides: tuple[int, ...]) -> None:
+        """Lay parameter ``i``'s segments out as ``strides`` (its new memory layout), keeping their values."""
+        old = {name: self._state_view(flat, i).clone() for name, flat in self.buffers.items()}
+        self.strides[i] = strides
+        p = self.params[i]
+        for name, flat in self.buffers.items():
+            view = self._state_view(flat, i)
+            view.copy_(old[name])
+            self.state[p][name] = view
+
+    def seed_averages(self) -> None:
+        """Every average ← θ: averages start from the weights as they are at the first step."""
+        for name in self.average_names:
+            flat = self.buffers[name]
+            torch._foreach_copy_([self.view(flat, i) for i in range(len(self.params))],
+                                 [p.detach() for p in self.params])
 
     # --- per step ---------------------------------------------------------------------------------
-    def inspect(self) -> tuple[list[bool], list[int]]:
-        """Check every parameter and gradient, changing nothing; raise if one cannot be brought back.
+    def _check(self, i: int, p: torch.Tensor, grad) -> None:
+        """Raise, changing nothing, if parameter ``i`` or its gradient can no longer be stepped here."""
+        if p.shape != self.shapes[i] or p.dtype != self.dtype or p.device != self.device:
+            raise RuntimeError(
+                f"parameter {i} of param group {self.group_index} is now {_describe(p)}, but the optimizer was "
+                f"built for {self.dtype} on {self.device}; build the optimizer after moving or casting the model "
+                "(or build a new one now)"
+            )
+        if grad is not None and (grad.layout != torch.strided or grad.shape != p.shape or grad.device != p.device
+                                 or grad.dtype != p.dtype):
+            raise RuntimeError(
+                f"grad of parameter {i} of param group {self.group_index} has {_describe(grad)} "
+                f"(layout {grad.layout}); expected a dense gradient of shape {tuple(p.shape)}, {p.dtype}, "
+                f"on {p.device}"
+            )
 
-        Returns, per parameter, whether it has a gradient, and the indices that :meth:`gather` must fix.
+    def prepare(self, stepping: bool):
+        """Check every parameter and gradient, changing nothing; return what :meth:`launches` needs.
+
+        ``stepping`` is False for averaging-only work (swap, switch), which ignores gradients.
         """
-        has_grad, fixups = [], []
+        params = self.params
+        grads = [p.grad for p in params] if stepping else [None] * len(params)
+        key = ([p.data_ptr() for p in params], [0 if g is None else g.data_ptr() for g in grads])
+        if key != self._cache_key:
+            for i, p in enumerate(params):
+                self._check(i, p, grads[i])
+        return key, grads
+
+    def _flat_refresh(self, grads) -> list:
+        """flat_params: bring relocated parameters and separate gradients back into the flat buffers."""
         for i, p in enumerate(self.params):
-            grad = p.grad
-            has_grad.append(grad is not None)
-            data_moved = p.data_ptr() != self._data_ptrs[i]
-            if not data_moved and (grad is None or grad is self.grad_views[i]):
-                continue
-            fixups.append(i)
-            view = self.data_views[i]
-            if data_moved and (p.shape != view.shape or p.dtype != self.dtype or p.device != self.device):
-                raise RuntimeError(
-                    f"parameter {i} of param group {self.group_index} changed from {_describe(view)} to "
-                    f"{_describe(p)} after the optimizer was built; fastavg keeps parameters in flat buffers, so "
-                    "build the optimizer after moving or casting the model (or build a new one now)"
-                )
-            if grad is not None and grad is not self.grad_views[i]:
-                if grad.layout != torch.strided or grad.shape != view.shape or grad.device != self.device:
-                    raise RuntimeError(
-                        f"grad of parameter {i} of param group {self.group_index} has {_describe(grad)} "
-                        f"(layout {grad.layout}); expected a dense gradient of shape {tuple(view.shape)} "
-                        f"on {self.device}"
-                    )
-        return has_grad, fixups
+            view = self.view(self.data, i)
+            if p.data_ptr() != view.data_ptr():
+                view.copy_(p.detach())
+                p.data = view
+            if grads[i] is not None and grads[i].data_ptr() != self.view(self.grad, i).data_ptr():
+                self.view(self.grad, i).copy_(grads[i])
+                p.grad = self.view(self.grad, i)
+        return [p.grad for p in self.params]
 
-    def gather(self, fixups: list[int]) -> None:
-        """Copy relocated parameters and separate gradients back into their segments, restoring the views."""
-        for i in fixups:
-            p = self.params[i]
-            if p.data_ptr() != self._data_ptrs[i]:
-                self.data_views[i].copy_(p.detach())
-                p.data = self.data_views[i]
-            grad = p.grad
-            if grad is not None and grad is not self.grad_views[i]:
-                self.grad_views[i].copy_(grad)
-                p.grad = self.grad_views[i]
+    def launches(self, prepared, stepping: bool) -> tuple[list, list[tuple[bool, _Launch]]]:
+        """Count this step for every parameter with a gradient; return the gradients and ``(has_grad, launch)``
+        pairs.
 
-    def runs_and_advance(self, has_grad: list[bool]) -> list[tuple[int, int, bool, int]]:
-        """Count this step for every parameter with a gradient; return the launches it takes.
-
-        Each launch is ``(begin, end, has_grad, first_param)`` over elements ``[begin, end)`` of the
-        flat buffers: maximal runs of neighbouring parameters that share whether they have a gradient
-        and, if they do, their step count.
+        One launch per distinct step count among the parameters with a gradient (one, unless some
+        parameters skipped steps), and one averaging-only launch for those without.
         """
-        if all(has_grad) and self._uniform_steps:
-            self.steps.add_(1)
-            return [(0, self.numel, True, 0)]
+        key, grads = prepared
+        if self.flat_params:
+            grads = self._flat_refresh(grads) if stepping else grads
+            key = ([p.data_ptr() for p in self.params], [0 if g is None else g.data_ptr() for g in grads])
+        has_grad = [g is not None for g in grads]
+        if stepping:
+            self.steps.add_(torch.tensor(has_grad, dtype=torch.float32))
+            if not all(has_grad):
+                self.refresh_steps()
+        if self._uniform_steps or not stepping:
+            if key != self._cache_key:
+                self._cache = self._plan(grads, [0 if g else None for g in has_grad])
+                self._cache_key = key
+            return grads, self._cache
+        # Parameters at different step counts (some skipped steps): grouped afresh every step.
         steps = self.steps.tolist()
-        runs: list[list] = []
-        for i, g in enumerate(has_grad):
-            key = (g, steps[i] if g else None)
-            if runs and runs[-1][0] == key:
-                runs[-1][2] = i
-            else:
-                runs.append([key, i, i])
-        self.steps.add_(torch.tensor(has_grad, dtype=torch.float32))
-        self.refresh_steps()
-        launches = []
-        for (g, _), first, last in runs:
-            end = self.offsets[last + 1] if last + 1 < len(self.params) else self.numel
-            launches.append((self.offsets[first], end, g, first))
-        return launches
+        self._cache_key = None
+        return grads, self._plan(grads, [steps[i] if g else None for i, g in enumerate(has_grad)])
+
+    def _plan(self, grads, groups) -> list[tuple[bool, _Launch]]:
+        """The launches for parameters grouped by ``groups[i]`` (a step count, or None: no gradient)."""
+        members: dict = {}
+        for i, group in enumerate(groups):
+            members.setdefault(group, []).append(i)
+        if self.flat_params and list(members) == [0] and all(
+                g.data_ptr() == self.view(self.grad, i).data_ptr() for i, g in enumerate(grads)):
+            table = _segments.table(_segments.rows(self.data, self.grad, 0), self.device)
+            return [(True, _Launch([0], table, {}, {}, flat=(self.data, self.grad)))]
+        return [(group is not None, self._launch_for(indices, grads if group is not None else None))
+                for group, indices in members.items()]
+
+    def _launch_for(self, indices: list[int], grads) -> _Launch:
+        rows, param_staging, grad_staging = [], {}, {}
+        for k, i in enumerate(indices):
+            p = self.params[i]
+            if not _same_layout(p, self.strides[i]):
+                if _segments.is_dense(p):
+                    self._relayout(i, p.stride())
+                else:
+                    p = param_staging[k] = torch.empty_strided(p.shape, self.strides[i], dtype=p.dtype,
+                                                                device=p.device)
+            g = None
+            if grads is not None:
+                g = grads[i]
+                if not _same_layout(g, self.strides[i]):
+                    g = grad_staging[k] = torch.empty_strided(g.shape, self.strides[i], dtype=g.dtype,
+                                                               device=g.device)
+            rows += _segments.rows(p, g, self.offsets[i])
+        return _Launch(indices, _segments.table(rows, self.device), param_staging, grad_staging)
 
     def refresh_steps(self) -> None:
-        """Note whether all parameters share one step count (then a step is a single launch)."""
+        """Note whether all parameters share one step count (then a step needs one launch)."""
         self._uniform_steps = bool((self.steps == self.steps[0]).all())
-
-    def zero_grad(self, set_to_none: bool) -> None:
-        if set_to_none:
-            for p in self.params:
-                p.grad = None
-            return
-        self.grad.zero_()
-        for p, view in zip(self.params, self.grad_views):
-            if p.grad is not None and p.grad is not view:
-                p.grad = view
+        if not self._uniform_steps:
+            self._cache_key = None

@@ -11,6 +11,8 @@ One step, for every parameter θ (arithmetic in fp32, or float64 for float64 par
 2. If θ has a gradient: its ``step`` count grows by one and the optimizer rule updates θ and its
    state (``sgd_torch_rule``, ``sgd_heavy_ball_rule`` or ``adam_rule``); θ is rounded to its dtype.
    A parameter whose ``grad`` is None keeps θ and its optimizer state, as in torch.
+   Before the first step every average is seeded with θ (so weights loaded after the optimizer was
+   built are what it starts from).
 3. The averager's plan for ``t`` runs on every parameter, gradient or not (the average is an
    average of the model's weights): ``ema_rule`` on each average, or ``belay_rule``, or ``lawa_rule``.
 4. On a switch step, ``switch_rule``: θ ← e. θ is rounded to its dtype and stored.
@@ -152,13 +154,13 @@ def apply_average(work, rule, average_state, weights, *, reaction, inertia, swit
 def init_average_state(state: dict, average, p: torch.Tensor, make) -> None:
     """Add the averaging buffers of ``average`` for ``p`` to ``state``; ``make(kind)`` allocates one.
 
-    ``kind`` is ``"copy"`` (fp32 copy of θ), ``"zeros"`` (fp32 zeros), or ``("ring", k)`` (k zeroed
-    snapshots in the parameter dtype).
+    ``kind`` is ``"average"`` (fp32, seeded from θ at the first step), ``"zeros"`` (fp32 zeros), or
+    ``("ring", k)`` (k zeroed snapshots in the parameter dtype).
     """
     if average is None:
         return
     for k in range(average.num_averages):
-        state[f"average_{k}"] = make("copy")
+        state[f"average_{k}"] = make("average")
     if average.uses_velocity:
         state["average_velocity"] = make("zeros")
     if average.lawa_k:
@@ -171,7 +173,9 @@ def average_kwargs(average) -> dict:
 
 
 class _ReferenceOptimizer(AveragingOptimizer):
-    def __init__(self, params, defaults, average, backend):
+    """``flat_params`` is accepted for the same signature as the fused optimizers and changes nothing here."""
+
+    def __init__(self, params, defaults, average, backend, flat_params):
         if backend not in (None, "auto", "reference"):
             raise ValueError(f"fastavg.reference runs only the reference backend, got backend={backend!r}")
         super().__init__(params, defaults, average)
@@ -182,9 +186,7 @@ class _ReferenceOptimizer(AveragingOptimizer):
             dtype = compute_dtype(p.dtype)
 
             def make(kind, p=p, dtype=dtype):
-                if kind == "copy":
-                    return p.detach().to(dtype, copy=True)
-                if kind == "zeros":
+                if kind in ("average", "zeros"):
                     return torch.zeros_like(p, dtype=dtype)
                 return torch.zeros((kind[1], *p.shape), dtype=p.dtype, device=p.device)
 
@@ -200,6 +202,10 @@ class _ReferenceOptimizer(AveragingOptimizer):
     def step(self, closure=None):
         """One optimizer step and the averaging that goes with it (the module docstring gives the order)."""
         loss = self._begin_step(closure)
+        if self._average_step == 0 and self.average is not None:
+            for p in self._params():
+                for k in range(self.average.num_averages):
+                    self.state[p][f"average_{k}"].copy_(p.detach())
         plan = self._advance_average_step()
         kwargs = average_kwargs(self.average)
         for group in self.param_groups:
