@@ -29,8 +29,20 @@ SIZES = [1, 7, 1023, 4097, 2**20 + 3]
 
 
 def make_params(layout, dtype, seed=0):
-    """``layout`` is a size (one tensor) or ``"many"`` (300 tensors of mixed shapes)."""
+    """``layout`` is a size (one tensor), ``"many"`` (300 tensors of mixed shapes) or ``"views"``: leaves
+    that the kernels reach in every way (storage offsets that break 16-byte alignment, a transpose, a
+    channels_last 4-D tensor, gaps in memory that take the staging copy, one sharing a storage)."""
     g = torch.Generator().manual_seed(seed)
+    if layout == "views":
+        base = torch.randn(4100, generator=g).to(dtype)
+        return [
+            base[1:1024].detach().requires_grad_(),  # storage offset 1: unaligned
+            base[1027:1027 + 15 * 7].view(15, 7).t().detach().requires_grad_(),  # transposed, dense
+            torch.randn(2, 5, 3, 4, generator=g).to(dtype).to(memory_format=torch.channels_last).requires_grad_(),
+            torch.randn(9, 12, generator=g).to(dtype)[:, ::2].detach().requires_grad_(),  # gaps: staged
+            base[2048:2048 + 70001 // 64].detach().requires_grad_(),  # shares base's storage
+            torch.randn(70001, generator=g).to(dtype).requires_grad_(),  # several segment rows
+        ]
     if layout == "many":
         shapes = [(1 + (7 * i) % 13, 1 + (3 * i) % 5) if i % 3 else (1 + (11 * i) % 37,) for i in range(300)]
     else:
@@ -80,14 +92,26 @@ def _copy_grads(source, params):
             p.grad.copy_(q.grad)
 
 
-def run_against_reference(backend, optimizer, averager, layout, dtype, device="cpu", steps=4, skip=None):
+def _twin(p, device):
+    """A leaf with ``p``'s values and memory layout on ``device`` (views stay views of a storage of their own)."""
+    if p.device.type == device and p.data_ptr() != p.untyped_storage().data_ptr():
+        storage = torch.empty(p.untyped_storage().nbytes() // p.element_size(), dtype=p.dtype)
+        twin = storage.as_strided(p.shape, p.stride(), p.storage_offset())
+        twin.copy_(p.detach())
+        return twin.requires_grad_()
+    return p.detach().to(device, copy=True).requires_grad_()
+
+
+def run_against_reference(backend, optimizer, averager, layout, dtype, device="cpu", steps=4, skip=None,
+                          flat_params=False):
     """``steps`` steps of fastavg's ``backend`` and of the reference on the same parameters, gradients and
     LR schedule (``skip(i, step)`` drops gradients), then every parameter, state and average compared."""
     name, kwargs = OPTIMIZERS[optimizer]
     host = make_params(layout, dtype)
-    ours = [p.detach().to(device, copy=True).requires_grad_() for p in host]
-    ref = [p.detach().to(device, copy=True).requires_grad_() for p in host]
-    fused = getattr(fastavg, name)(ours, average=AVERAGERS[averager](), backend=backend, **kwargs)
+    ours = [_twin(p, device) for p in host]
+    ref = [_twin(p, device) for p in host]
+    fused = getattr(fastavg, name)(ours, average=AVERAGERS[averager](), backend=backend, flat_params=flat_params,
+                                   **kwargs)
     spec = getattr(reference, name)(ref, average=AVERAGERS[averager](), **kwargs)
     assert set(fused.backends()) == {backend}
     schedules = [torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.5 * s)) for opt in (fused, spec)]

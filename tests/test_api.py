@@ -41,13 +41,17 @@ def test_swap_average_restores_raw_weights_even_when_the_block_raises(impl):
         assert torch.equal(p.detach(), r)
 
 
-def test_averaged_parameters_are_live_views(impl):
+def test_averaged_parameters_are_live_views_after_the_first_step(impl):
     params = make_params(7, torch.float32)
     opt = impl.SGD(params, lr=0.1, average=fastavg.EMA(0.5))
+    (before_any_step,) = opt.averaged_parameters()  # no average yet: θ itself
+    assert torch.equal(before_any_step, params[0].detach())
+    set_grads(params, 0)
+    opt.step()
     (average,) = opt.averaged_parameters()
     assert average.shape == params[0].shape and average.dtype == torch.float32
     before = average.clone()
-    set_grads(params, 0)
+    set_grads(params, 1)
     opt.step()
     assert not torch.equal(average, before)
 

@@ -23,24 +23,28 @@ MATRIX = [
     (averager, dtype, layout)
     for averager in AVERAGERS
     for dtype in DTYPES
-    for layout in SIZES + ["many"]
+    for layout in SIZES + ["many", "views"]
     if layout != SIZES[-1] or (dtype == torch.float32 and averager in ("none", "ema"))
 ]
+# Both layouts: parameters where they are (default) and parameters moved into flat buffers.
+LAYOUTS = [pytest.param(False, id="in_place"), pytest.param(True, id="flat_params")]
 
 
 @pytest.mark.parametrize("averager, dtype, layout", MATRIX, ids=str)
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_backend_matches_reference(backend, optimizer, averager, dtype, layout):
-    run_against_reference(backend, optimizer, averager, layout, dtype, steps=STEPS)
+@pytest.mark.parametrize("flat_params", LAYOUTS)
+def test_backend_matches_reference(flat_params, backend, optimizer, averager, dtype, layout):
+    run_against_reference(backend, optimizer, averager, layout, dtype, steps=STEPS, flat_params=flat_params)
 
 
 @pytest.mark.parametrize("averager", list(AVERAGERS))
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd_torch", "sgd_heavy_ball"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_missing_grads_split_launches_like_reference(backend, optimizer, averager):
+@pytest.mark.parametrize("flat_params", LAYOUTS)
+def test_missing_grads_split_launches_like_reference(flat_params, backend, optimizer, averager):
     run_against_reference(backend, optimizer, averager, "many", torch.float32, steps=STEPS,
-                          skip=lambda i, step: (i // 7 + step) % 3 == 0)
+                          skip=lambda i, step: (i // 7 + step) % 3 == 0, flat_params=flat_params)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -49,13 +53,18 @@ def test_cpu_kernel_converts_every_half_precision_value_like_torch(dtype):
     16-bit pattern (load) and on floats around every rounding boundary, subnormals, inf and NaN (store)."""
     if fastavg.backend_status()["cpu"]:
         pytest.skip(fastavg.backend_status()["cpu"])
+    from fastavg import _segments
     from fastavg.averaging import RULE_LAWA, RULE_NONE
+
+    def table(t):
+        return _segments.build([t], None, [0], t.device)
 
     # A LAWA snapshot into a zero sum and ring: S = 0 + (θ − 0) loads θ, the ring slot stores it back.
     every_value = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype).contiguous()
     loaded, ring_slot = torch.zeros(every_value.numel()), torch.zeros_like(every_value)
     weights = torch.ones(1)
-    torch.ops.fastavg.average_(every_value.clone(), [loaded, ring_slot], weights, RULE_LAWA, 0.0, 0.0, False)
+    params = every_value.clone()
+    torch.ops.fastavg.average_([params], table(params), [loaded, ring_slot], weights, RULE_LAWA, 0.0, 0.0, False)
     expected = every_value.float()
     assert torch.equal(loaded.isnan(), expected.isnan())
     assert torch.equal(loaded[~expected.isnan()], expected[~expected.isnan()])
@@ -67,7 +76,7 @@ def test_cpu_kernel_converts_every_half_precision_value_like_torch(dtype):
                         torch.randn(100_000) * 1e3, torch.tensor([float("inf"), -float("inf"), float("nan"),
                                                                   3.4e38, -3.4e38, 1e-45, -1e-45])])
     stored = torch.zeros(floats.numel(), dtype=dtype)
-    torch.ops.fastavg.average_(stored, [floats.clone()], weights, RULE_NONE, 0.0, 0.0, True)
+    torch.ops.fastavg.average_([stored], table(stored), [floats.clone()], weights, RULE_NONE, 0.0, 0.0, True)
     expected = floats.to(dtype)
     assert torch.equal(stored.isnan(), expected.isnan())
     assert torch.equal(stored[~expected.isnan()].view(torch.int16), expected[~expected.isnan()].view(torch.int16))

@@ -160,13 +160,28 @@ def test_averaging_api_without_average(impl):
 def test_direct_op_call_with_wrong_buffers_raises_not_crashes():
     if fastavg.backend_status()["cpu"]:
         pytest.skip(fastavg.backend_status()["cpu"])
+    from fastavg import _segments
+
     p, g = torch.zeros(8), torch.zeros(8)
+    segments = _segments.build([p], [g], [0], p.device)
     lr, step, w = torch.ones(1), torch.ones(1), torch.ones(1)
+    adam = torch.ops.fastavg.adam_step_
     with pytest.raises(RuntimeError, match="optimizer_state"):
-        torch.ops.fastavg.adam_step_(p, g, [torch.zeros(8)], [], lr, step, w, 0.9, 0.99, 1e-8, 0.0, True, False,
-                                     False, 0, 0.0, 0.0, False)
-    with pytest.raises(RuntimeError, match="as many elements"):
-        torch.ops.fastavg.adam_step_(p, g, [torch.zeros(8), torch.zeros(4)], [], lr, step, w, 0.9, 0.99, 1e-8,
-                                     0.0, True, False, False, 0, 0.0, 0.0, False)
+        adam([p], [g], segments, [torch.zeros(8)], [], lr, step, w, 0.9, 0.99, 1e-8, 0.0, True, False, False, 0, 0.0,
+             0.0, False)
+    with pytest.raises(RuntimeError, match="reaches past the flat buffers"):
+        adam([p], [g], segments, [torch.zeros(8), torch.zeros(4)], [], lr, step, w, 0.9, 0.99, 1e-8, 0.0, True,
+             False, False, 0, 0.0, 0.0, False)
+    with pytest.raises(RuntimeError, match="does not point inside params"):
+        adam([torch.zeros(8)], [g], segments, [torch.zeros(8), torch.zeros(8)], [], lr, step, w, 0.9, 0.99, 1e-8,
+             0.0, True, False, False, 0, 0.0, 0.0, False)
+    with pytest.raises(RuntimeError, match="does not point inside grads"):
+        adam([p], [torch.zeros(8)], segments, [torch.zeros(8), torch.zeros(8)], [], lr, step, w, 0.9, 0.99, 1e-8,
+             0.0, True, False, False, 0, 0.0, 0.0, False)
+    with pytest.raises(RuntimeError, match="segments must be a contiguous int64"):
+        adam([p], [g], segments.int(), [torch.zeros(8), torch.zeros(8)], [], lr, step, w, 0.9, 0.99, 1e-8, 0.0, True,
+             False, False, 0, 0.0, 0.0, False)
+    p64 = torch.zeros(8, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
-        torch.ops.fastavg.average_(torch.zeros(8, dtype=torch.float64), [torch.zeros(8)], w, 1, 0.0, 0.0, False)
+        torch.ops.fastavg.average_([p64], _segments.build([p64], None, [0], p.device), [torch.zeros(8)], w, 1, 0.0,
+                                   0.0, False)
