@@ -1,20 +1,25 @@
 // The CUDA registration of the fastavg ops: the shared checks of fastavg_ops.h, then the CUDA kernels of
-// fastavg_cuda.cu on raw pointers, on the current stream of the parameter's device.
+// fastavg_cuda.cu on raw pointers (and the segment table, in device memory), on the current stream of the
+// parameters' device.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <stdexcept>
 
 #include "fastavg_ops.h"
 
 namespace {
 
-// The checks run before any launch, so every buffer is on the parameter's device; the guard makes that
-// device current, which is the device the kernels and the current stream belong to.
-c10::cuda::CUDAGuard guard_param_device(const at::Tensor& param) {
-  TORCH_CHECK(param.is_cuda(), "fastavg: the CUDA kernels need param on a CUDA device, got ", param.device());
-  return c10::cuda::CUDAGuard(param.device());
+// The device of the launch: that of params[0] (the shared checks put every other tensor there too); none
+// for an empty list, which is a no-op. A guard on it makes it current, which is the device the kernels and
+// the current stream belong to.
+std::optional<c10::Device> launch_device(at::TensorList params) {
+  if (params.empty()) return std::nullopt;
+  TORCH_CHECK(params[0].is_cuda(), "fastavg: the CUDA kernels need params on a CUDA device, got ",
+              params[0].device());
+  return params[0].device();
 }
 
 void launch_cuda(fastavg::Optimizer o, fastavg::AverageRule r, fastavg::DType d, const fastavg::StepBuffers& b,
@@ -27,32 +32,33 @@ void launch_cuda(fastavg::Optimizer o, fastavg::AverageRule r, fastavg::DType d,
   }
 }
 
-void adam_step_cuda(at::Tensor& param, const at::Tensor& grad, at::TensorList optimizer_state,
-                    at::TensorList average_state, const at::Tensor& lr, const at::Tensor& step,
-                    const at::Tensor& average_weights, double beta1, double beta2, double eps, double weight_decay,
-                    bool decoupled_weight_decay, bool amsgrad, bool maximize, int64_t average_rule, double reaction,
-                    double inertia, bool switch_to_average) {
-  const auto device_guard = guard_param_device(param);
-  fastavg::adam_step(launch_cuda, param, grad, optimizer_state, average_state, lr, step, average_weights, beta1,
-                     beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, average_rule, reaction,
-                     inertia, switch_to_average);
+void adam_step_cuda(at::TensorList params, at::TensorList grads, const at::Tensor& segments,
+                    at::TensorList optimizer_state, at::TensorList average_state, const at::Tensor& lr,
+                    const at::Tensor& step, const at::Tensor& average_weights, double beta1, double beta2, double eps,
+                    double weight_decay, bool decoupled_weight_decay, bool amsgrad, bool maximize,
+                    int64_t average_rule, double reaction, double inertia, bool switch_to_average) {
+  const c10::cuda::OptionalCUDAGuard device_guard(launch_device(params));
+  fastavg::adam_step(launch_cuda, params, grads, segments, optimizer_state, average_state, lr, step, average_weights,
+                     beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, average_rule,
+                     reaction, inertia, switch_to_average);
 }
 
-void sgd_step_cuda(at::Tensor& param, const at::Tensor& grad, at::TensorList optimizer_state,
-                   at::TensorList average_state, const at::Tensor& lr, const at::Tensor& step,
-                   const at::Tensor& average_weights, double momentum, double dampening, double weight_decay,
-                   bool nesterov, bool maximize, bool heavy_ball, int64_t average_rule, double reaction, double inertia,
-                   bool switch_to_average) {
-  const auto device_guard = guard_param_device(param);
-  fastavg::sgd_step(launch_cuda, param, grad, optimizer_state, average_state, lr, step, average_weights, momentum,
-                    dampening, weight_decay, nesterov, maximize, heavy_ball, average_rule, reaction, inertia,
-                    switch_to_average);
+void sgd_step_cuda(at::TensorList params, at::TensorList grads, const at::Tensor& segments,
+                   at::TensorList optimizer_state, at::TensorList average_state, const at::Tensor& lr,
+                   const at::Tensor& step, const at::Tensor& average_weights, double momentum, double dampening,
+                   double weight_decay, bool nesterov, bool maximize, bool heavy_ball, int64_t average_rule,
+                   double reaction, double inertia, bool switch_to_average) {
+  const c10::cuda::OptionalCUDAGuard device_guard(launch_device(params));
+  fastavg::sgd_step(launch_cuda, params, grads, segments, optimizer_state, average_state, lr, step, average_weights,
+                    momentum, dampening, weight_decay, nesterov, maximize, heavy_ball, average_rule, reaction,
+                    inertia, switch_to_average);
 }
 
-void average_cuda(at::Tensor& param, at::TensorList average_state, const at::Tensor& average_weights,
-                  int64_t average_rule, double reaction, double inertia, bool switch_to_average) {
-  const auto device_guard = guard_param_device(param);
-  fastavg::average(launch_cuda, param, average_state, average_weights, average_rule, reaction, inertia,
+void average_cuda(at::TensorList params, const at::Tensor& segments, at::TensorList average_state,
+                  const at::Tensor& average_weights, int64_t average_rule, double reaction, double inertia,
+                  bool switch_to_average) {
+  const c10::cuda::OptionalCUDAGuard device_guard(launch_device(params));
+  fastavg::average(launch_cuda, params, segments, average_state, average_weights, average_rule, reaction, inertia,
                    switch_to_average);
 }
 
