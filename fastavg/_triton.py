@@ -1,17 +1,32 @@
-"""The Triton backend: the fused step as one Triton kernel per flat buffer, registered as torch ops.
+"""The Triton backend: the fused step as one Triton kernel over a segment table, registered as torch ops.
 
 ``torch.ops.fastavg_triton.{adam_step_, sgd_step_, average_}`` take the arguments of the C++ ops
-``torch.ops.fastavg.*`` (the signatures are in :mod:`fastavg._backends`) and are defined with
-``torch.library.triton_op``, so ``torch.compile`` traces into the kernel. ``_step_kernel`` mirrors
-``step_kernel`` in csrc/fastavg_cpu.cpp: it reads every buffer once and writes it once, running the
-element-wise rules below (the reference's names and order of operations) behind ``tl.constexpr``
-switches. Only the structure of a step is a compile-time constant (which optimizer, which averaging
-rule, which buffers exist, the block size); lr, step and the averaging weights are read from device
-memory and every other hyperparameter is a runtime argument, so changing them never recompiles and
-a step can be captured in a CUDA graph.
+``torch.ops.fastavg.*`` (the signatures are in :mod:`fastavg._backends`, the table in :mod:`fastavg._segments`)
+and are defined with ``torch.library.triton_op``, so ``torch.compile`` traces into the kernel.
+
+``_step_kernel`` runs one program per table row (a segment of at most ``_segments.ROW_NUMEL`` elements). A
+program reads its row (param address, grad address, numel, offset), turns the addresses into pointers of the
+parameter dtype (a ``tl.constexpr``) and the flat state buffers' base pointers into ``base + offset``, then
+walks the row in ``BLOCK``-sized pieces: every full block unmasked, then at most one masked tail block, both
+through ``_step_block``, which mirrors ``step_kernel`` in csrc/fastavg_cpu_kernel.inc: it reads every buffer once
+and writes it once, running the element-wise rules below (the reference's names and order of operations)
+behind ``tl.constexpr`` switches.
+
+Vector accesses: a mask against a numel read from memory makes every access scalar, hence the unmasked full
+blocks; and a pointer made from an integer is only known to be 16-byte aligned through ``tl.multiple_of`` on
+the pointer itself. Rows are not all aligned (a parameter may be a view with a storage offset), and a wrong
+hint faults on a GPU, so each program checks at run time whether every address it will use (param, grad and
+each ``base + offset``) is 16-byte aligned, and takes the hinted path (``_row(..., ALIGNED=True)``) only then;
+other rows take the same code without hints. tests/test_triton_compile.py checks the compiled PTX.
+
+Only the structure of a step is a compile-time constant (the parameter dtype, which optimizer, which averaging
+rule, which buffers exist, the block size); lr, step and the averaging weights are read from device memory and
+every other hyperparameter is a runtime argument, so changing them never recompiles and a step can be captured
+in a CUDA graph. Parameters and gradients reach the kernel only through the table's addresses: under
+``torch.compile`` the op's schema, not the kernel's arguments, says that it writes them.
 
 With ``TRITON_INTERPRET=1`` set before Triton is imported, the kernels run on CPU tensors in Triton's
-interpreter; that is how CI without a GPU tests them.
+interpreter (which dereferences the table's addresses in host memory); that is how CI without a GPU tests them.
 """
 from __future__ import annotations
 
@@ -164,38 +179,217 @@ def _ema_update(average_ptr, offsets, mask, theta, weight):
 
 # --- the fused step ---------------------------------------------------------------------------------
 @triton.jit
-def _step_kernel(param_ptr, grad_ptr, state_0_ptr, state_1_ptr, state_2_ptr,
+def _step_block(param_ptr, grad_ptr, state_0_ptr, state_1_ptr, state_2_ptr,
+                average_0_ptr, average_1_ptr, average_2_ptr, average_3_ptr,
+                average_4_ptr, average_5_ptr, average_6_ptr, average_7_ptr,
+                average_velocity_ptr, lawa_sum_ptr, lawa_ring_slot_ptr, index, mask,
+                lr, first_step, step_size, bias_correction2_sqrt, decoupled_decay,
+                weight_0, weight_1, weight_2, weight_3, weight_4, weight_5, weight_6, weight_7,
+                momentum, one_minus_dampening, weight_decay, beta2, one_minus_beta1, one_minus_beta2, eps,
+                reaction, inertia, nesterov, maximize, decoupled_weight_decay,
+                DTYPE: tl.constexpr, OPTIMIZER: tl.constexpr, HAS_MOMENTUM_BUFFER: tl.constexpr,
+                AMSGRAD: tl.constexpr, AVERAGE_RULE: tl.constexpr, NUM_AVERAGES: tl.constexpr,
+                HAS_VELOCITY: tl.constexpr, SWITCH: tl.constexpr):
+    """One block of a row: elements ``index`` of every row pointer (``mask``: None for a full block)."""
+    theta = tl.load(param_ptr + index, mask=mask).to(tl.float32)
+
+    if OPTIMIZER != _NO_OPTIMIZER:
+        grad = tl.load(grad_ptr + index, mask=mask).to(tl.float32)
+        if OPTIMIZER == _ADAM:
+            exp_avg = tl.load(state_0_ptr + index, mask=mask)
+            exp_avg_sq = tl.load(state_1_ptr + index, mask=mask)
+            max_exp_avg_sq = exp_avg_sq  # any value: adam_rule ignores it without amsgrad
+            if AMSGRAD:
+                max_exp_avg_sq = tl.load(state_2_ptr + index, mask=mask)
+            theta, exp_avg, exp_avg_sq, max_exp_avg_sq = adam_rule(
+                theta, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, decoupled_decay, step_size, bias_correction2_sqrt,
+                beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay, decoupled_weight_decay, maximize, AMSGRAD)
+            tl.store(state_0_ptr + index, exp_avg, mask=mask)
+            tl.store(state_1_ptr + index, exp_avg_sq, mask=mask)
+            if AMSGRAD:
+                tl.store(state_2_ptr + index, max_exp_avg_sq, mask=mask)
+        else:
+            momentum_buffer = theta  # any value: the rules ignore it without a buffer
+            if HAS_MOMENTUM_BUFFER:
+                momentum_buffer = tl.load(state_0_ptr + index, mask=mask)
+            if OPTIMIZER == _SGD_TORCH:
+                theta, momentum_buffer = sgd_torch_rule(theta, grad, momentum_buffer, lr, momentum, one_minus_dampening,
+                                                        weight_decay, nesterov, maximize, first_step,
+                                                        HAS_MOMENTUM_BUFFER)
+            else:
+                theta, momentum_buffer = sgd_heavy_ball_rule(theta, grad, momentum_buffer, lr, momentum,
+                                                             weight_decay, nesterov, maximize, HAS_MOMENTUM_BUFFER)
+            if HAS_MOMENTUM_BUFFER:
+                tl.store(state_0_ptr + index, momentum_buffer, mask=mask)
+        theta = round_to(theta, DTYPE)
+
+    if AVERAGE_RULE == _RULE_EMA:
+        average_0 = _ema_update(average_0_ptr, index, mask, theta, weight_0)
+        if NUM_AVERAGES > 1:
+            _ema_update(average_1_ptr, index, mask, theta, weight_1)
+        if NUM_AVERAGES > 2:
+            _ema_update(average_2_ptr, index, mask, theta, weight_2)
+        if NUM_AVERAGES > 3:
+            _ema_update(average_3_ptr, index, mask, theta, weight_3)
+        if NUM_AVERAGES > 4:
+            _ema_update(average_4_ptr, index, mask, theta, weight_4)
+        if NUM_AVERAGES > 5:
+            _ema_update(average_5_ptr, index, mask, theta, weight_5)
+        if NUM_AVERAGES > 6:
+            _ema_update(average_6_ptr, index, mask, theta, weight_6)
+        if NUM_AVERAGES > 7:
+            _ema_update(average_7_ptr, index, mask, theta, weight_7)
+    elif AVERAGE_RULE == _RULE_BELAY:
+        average_0 = tl.load(average_0_ptr + index, mask=mask)
+        velocity = average_0  # any value: belay_rule ignores it without a velocity
+        if HAS_VELOCITY:
+            velocity = tl.load(average_velocity_ptr + index, mask=mask)
+        theta, average_0, velocity = belay_rule(theta, average_0, velocity, weight_0, reaction, inertia, HAS_VELOCITY)
+        tl.store(average_0_ptr + index, average_0, mask=mask)
+        if HAS_VELOCITY:
+            tl.store(average_velocity_ptr + index, velocity, mask=mask)
+    elif AVERAGE_RULE == _RULE_LAWA:
+        lawa_sum = tl.load(lawa_sum_ptr + index, mask=mask)
+        ring_slot = tl.load(lawa_ring_slot_ptr + index, mask=mask).to(tl.float32)
+        tl.store(lawa_sum_ptr + index, lawa_rule(theta, lawa_sum, ring_slot), mask=mask)
+        tl.store(lawa_ring_slot_ptr + index, _to_param_dtype(theta, DTYPE), mask=mask)
+    elif SWITCH:
+        average_0 = tl.load(average_0_ptr + index, mask=mask)
+    if SWITCH:
+        theta = switch_rule(average_0)
+    tl.store(param_ptr + index, _to_param_dtype(theta, DTYPE), mask=mask)
+
+
+@triton.jit
+def _address_pointer(address, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """The table's integer ``address`` as a pointer to ``DTYPE``, hinted 16-byte aligned on the aligned path
+    (the hint only works on the pointer, after the cast)."""
+    pointer = address.to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        pointer = tl.multiple_of(pointer, 16)
+    return pointer
+
+
+@triton.jit
+def _row_pointer(base, offset, ALIGNED: tl.constexpr):
+    """``base + offset`` (None stays None: a buffer the step does not use), hinted on the aligned path."""
+    pointer = base
+    if base is not None:
+        pointer = base + offset
+        if ALIGNED:
+            pointer = tl.multiple_of(pointer, 16)
+    return pointer
+
+
+@triton.jit
+def _or_address(addresses, base, offset):
+    """``addresses`` ORed with the address of ``base + offset`` (unchanged for an unused buffer): the bits that
+    decide whether a row is 16-byte aligned."""
+    if base is not None:
+        addresses = addresses | (base + offset).to(tl.int64)
+    return addresses
+
+
+@triton.jit
+def _row(param_address, grad_address, numel, offset, state_0_ptr, state_1_ptr, state_2_ptr,
+         average_0_ptr, average_1_ptr, average_2_ptr, average_3_ptr,
+         average_4_ptr, average_5_ptr, average_6_ptr, average_7_ptr,
+         average_velocity_ptr, lawa_sum_ptr, lawa_ring_slot_ptr,
+         lr, first_step, step_size, bias_correction2_sqrt, decoupled_decay,
+         weight_0, weight_1, weight_2, weight_3, weight_4, weight_5, weight_6, weight_7,
+         momentum, one_minus_dampening, weight_decay, beta2, one_minus_beta1, one_minus_beta2, eps,
+         reaction, inertia, nesterov, maximize, decoupled_weight_decay,
+         DTYPE: tl.constexpr, OPTIMIZER: tl.constexpr, HAS_MOMENTUM_BUFFER: tl.constexpr,
+         AMSGRAD: tl.constexpr, AVERAGE_RULE: tl.constexpr, NUM_AVERAGES: tl.constexpr,
+         HAS_VELOCITY: tl.constexpr, SWITCH: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """One table row: its full blocks unmasked, then its tail (if any) masked. ``ALIGNED``: every pointer of the
+    row is 16-byte aligned (checked by the caller), so the unmasked blocks compile to 16-byte vector accesses."""
+    param_ptr = _address_pointer(param_address, DTYPE, ALIGNED)
+    grad_ptr = None
+    if OPTIMIZER != _NO_OPTIMIZER:
+        grad_ptr = _address_pointer(grad_address, DTYPE, ALIGNED)
+    state_0_ptr = _row_pointer(state_0_ptr, offset, ALIGNED)
+    state_1_ptr = _row_pointer(state_1_ptr, offset, ALIGNED)
+    state_2_ptr = _row_pointer(state_2_ptr, offset, ALIGNED)
+    average_0_ptr = _row_pointer(average_0_ptr, offset, ALIGNED)
+    average_1_ptr = _row_pointer(average_1_ptr, offset, ALIGNED)
+    average_2_ptr = _row_pointer(average_2_ptr, offset, ALIGNED)
+    average_3_ptr = _row_pointer(average_3_ptr, offset, ALIGNED)
+    average_4_ptr = _row_pointer(average_4_ptr, offset, ALIGNED)
+    average_5_ptr = _row_pointer(average_5_ptr, offset, ALIGNED)
+    average_6_ptr = _row_pointer(average_6_ptr, offset, ALIGNED)
+    average_7_ptr = _row_pointer(average_7_ptr, offset, ALIGNED)
+    average_velocity_ptr = _row_pointer(average_velocity_ptr, offset, ALIGNED)
+    lawa_sum_ptr = _row_pointer(lawa_sum_ptr, offset, ALIGNED)
+    lawa_ring_slot_ptr = _row_pointer(lawa_ring_slot_ptr, offset, ALIGNED)
+
+    full = numel - numel % BLOCK
+    for start in range(0, full, BLOCK):
+        _step_block(param_ptr, grad_ptr, state_0_ptr, state_1_ptr, state_2_ptr,
+                    average_0_ptr, average_1_ptr, average_2_ptr, average_3_ptr,
+                    average_4_ptr, average_5_ptr, average_6_ptr, average_7_ptr,
+                    average_velocity_ptr, lawa_sum_ptr, lawa_ring_slot_ptr, start + tl.arange(0, BLOCK), None,
+                    lr, first_step, step_size, bias_correction2_sqrt, decoupled_decay,
+                    weight_0, weight_1, weight_2, weight_3, weight_4, weight_5, weight_6, weight_7,
+                    momentum, one_minus_dampening, weight_decay, beta2, one_minus_beta1, one_minus_beta2, eps,
+                    reaction, inertia, nesterov, maximize, decoupled_weight_decay,
+                    DTYPE, OPTIMIZER, HAS_MOMENTUM_BUFFER, AMSGRAD, AVERAGE_RULE, NUM_AVERAGES, HAS_VELOCITY, SWITCH)
+    if full < numel:
+        index = full + tl.arange(0, BLOCK)
+        _step_block(param_ptr, grad_ptr, state_0_ptr, state_1_ptr, state_2_ptr,
+                    average_0_ptr, average_1_ptr, average_2_ptr, average_3_ptr,
+                    average_4_ptr, average_5_ptr, average_6_ptr, average_7_ptr,
+                    average_velocity_ptr, lawa_sum_ptr, lawa_ring_slot_ptr, index, index < numel,
+                    lr, first_step, step_size, bias_correction2_sqrt, decoupled_decay,
+                    weight_0, weight_1, weight_2, weight_3, weight_4, weight_5, weight_6, weight_7,
+                    momentum, one_minus_dampening, weight_decay, beta2, one_minus_beta1, one_minus_beta2, eps,
+                    reaction, inertia, nesterov, maximize, decoupled_weight_decay,
+                    DTYPE, OPTIMIZER, HAS_MOMENTUM_BUFFER, AMSGRAD, AVERAGE_RULE, NUM_AVERAGES, HAS_VELOCITY, SWITCH)
+
+
+@triton.jit
+def _step_kernel(segments_ptr, state_0_ptr, state_1_ptr, state_2_ptr,
                  average_0_ptr, average_1_ptr, average_2_ptr, average_3_ptr,
                  average_4_ptr, average_5_ptr, average_6_ptr, average_7_ptr,
                  average_velocity_ptr, lawa_sum_ptr, lawa_ring_slot_ptr,
-                 lr_ptr, step_ptr, average_weights_ptr, numel,
+                 lr_ptr, step_ptr, average_weights_ptr,
                  momentum, one_minus_dampening, weight_decay, log2_beta1, log2_beta2, beta2, one_minus_beta1,
                  one_minus_beta2, eps, reaction, inertia,
                  nesterov, maximize, decoupled_weight_decay,
-                 OPTIMIZER: tl.constexpr, HAS_MOMENTUM_BUFFER: tl.constexpr, AMSGRAD: tl.constexpr,
-                 AVERAGE_RULE: tl.constexpr, NUM_AVERAGES: tl.constexpr, HAS_VELOCITY: tl.constexpr,
-                 SWITCH: tl.constexpr, BLOCK: tl.constexpr):
-    # On GPUs float arguments arrive as fp32; the interpreter passes Python floats (float64) through,
-    # so cast them for both to compute in fp32, as the C++ kernels do.
-    momentum = tl.cast(momentum, tl.float32)
-    one_minus_dampening = tl.cast(one_minus_dampening, tl.float32)
-    weight_decay = tl.cast(weight_decay, tl.float32)
-    beta2 = tl.cast(beta2, tl.float32)
-    one_minus_beta1 = tl.cast(one_minus_beta1, tl.float32)
-    one_minus_beta2 = tl.cast(one_minus_beta2, tl.float32)
-    eps = tl.cast(eps, tl.float32)
-    reaction = tl.cast(reaction, tl.float32)
-    inertia = tl.cast(inertia, tl.float32)
+                 DTYPE: tl.constexpr, OPTIMIZER: tl.constexpr, HAS_MOMENTUM_BUFFER: tl.constexpr,
+                 AMSGRAD: tl.constexpr, AVERAGE_RULE: tl.constexpr, NUM_AVERAGES: tl.constexpr,
+                 HAS_VELOCITY: tl.constexpr, SWITCH: tl.constexpr, BLOCK: tl.constexpr):
+    # This program's row of the (n, 4) table: param address, grad address, numel (<= 65536), offset.
+    row_ptr = segments_ptr + tl.program_id(0).to(tl.int64) * 4
+    param_address = tl.load(row_ptr)
+    grad_address = tl.load(row_ptr + 1)
+    numel = tl.load(row_ptr + 2).to(tl.int32)
+    offset = tl.load(row_ptr + 3)
 
-    dtype: tl.constexpr = param_ptr.dtype.element_ty
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < numel
-    theta = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
-
+    # The step's scalars, once per program. On GPUs float arguments arrive as fp32; the interpreter passes
+    # Python floats (float64) through, so cast those a rule reads to compute in fp32, as the C++ kernels do.
+    lr = 0.0
+    first_step = False
+    step_size = 0.0
+    bias_correction2_sqrt = 1.0
+    decoupled_decay = 1.0
+    if OPTIMIZER == _ADAM:
+        weight_decay = tl.cast(weight_decay, tl.float32)
+        beta2 = tl.cast(beta2, tl.float32)
+        one_minus_beta1 = tl.cast(one_minus_beta1, tl.float32)
+        one_minus_beta2 = tl.cast(one_minus_beta2, tl.float32)
+        eps = tl.cast(eps, tl.float32)
+    elif OPTIMIZER != _NO_OPTIMIZER:
+        momentum = tl.cast(momentum, tl.float32)
+        one_minus_dampening = tl.cast(one_minus_dampening, tl.float32)
+        weight_decay = tl.cast(weight_decay, tl.float32)
+    if AVERAGE_RULE == _RULE_BELAY:
+        reaction = tl.cast(reaction, tl.float32)
+        inertia = tl.cast(inertia, tl.float32)
     if OPTIMIZER != _NO_OPTIMIZER:
         lr = tl.load(lr_ptr)
         step = tl.load(step_ptr)
-        grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
+        first_step = step == 1.0
         if OPTIMIZER == _ADAM:
             # Bias corrections in float64 from the step count, as in C++ (fastavg::step_scalars).
             step64 = step.to(tl.float64)
@@ -204,69 +398,71 @@ def _step_kernel(param_ptr, grad_ptr, state_0_ptr, state_1_ptr, state_2_ptr,
             step_size = (lr.to(tl.float64) / bias_correction1).to(tl.float32)
             bias_correction2_sqrt = tl.sqrt(bias_correction2).to(tl.float32)
             decoupled_decay = (1.0 - lr.to(tl.float64) * weight_decay.to(tl.float64)).to(tl.float32)
-            exp_avg = tl.load(state_0_ptr + offsets, mask=mask)
-            exp_avg_sq = tl.load(state_1_ptr + offsets, mask=mask)
-            max_exp_avg_sq = exp_avg_sq  # any value: adam_rule ignores it without amsgrad
-            if AMSGRAD:
-                max_exp_avg_sq = tl.load(state_2_ptr + offsets, mask=mask)
-            theta, exp_avg, exp_avg_sq, max_exp_avg_sq = adam_rule(
-                theta, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, decoupled_decay, step_size, bias_correction2_sqrt,
-                beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay, decoupled_weight_decay, maximize, AMSGRAD)
-            tl.store(state_0_ptr + offsets, exp_avg, mask=mask)
-            tl.store(state_1_ptr + offsets, exp_avg_sq, mask=mask)
-            if AMSGRAD:
-                tl.store(state_2_ptr + offsets, max_exp_avg_sq, mask=mask)
-        else:
-            momentum_buffer = theta  # any value: the rules ignore it without a buffer
-            if HAS_MOMENTUM_BUFFER:
-                momentum_buffer = tl.load(state_0_ptr + offsets, mask=mask)
-            if OPTIMIZER == _SGD_TORCH:
-                theta, momentum_buffer = sgd_torch_rule(theta, grad, momentum_buffer, lr, momentum, one_minus_dampening,
-                                                        weight_decay, nesterov, maximize, step == 1.0,
-                                                        HAS_MOMENTUM_BUFFER)
-            else:
-                theta, momentum_buffer = sgd_heavy_ball_rule(theta, grad, momentum_buffer, lr, momentum,
-                                                             weight_decay, nesterov, maximize, HAS_MOMENTUM_BUFFER)
-            if HAS_MOMENTUM_BUFFER:
-                tl.store(state_0_ptr + offsets, momentum_buffer, mask=mask)
-        theta = round_to(theta, dtype)
-
+    weight_0 = 0.0
+    weight_1 = 0.0
+    weight_2 = 0.0
+    weight_3 = 0.0
+    weight_4 = 0.0
+    weight_5 = 0.0
+    weight_6 = 0.0
+    weight_7 = 0.0
+    if AVERAGE_RULE == _RULE_EMA or AVERAGE_RULE == _RULE_BELAY:
+        weight_0 = tl.load(average_weights_ptr)
     if AVERAGE_RULE == _RULE_EMA:
-        average_0 = _ema_update(average_0_ptr, offsets, mask, theta, tl.load(average_weights_ptr))
         if NUM_AVERAGES > 1:
-            _ema_update(average_1_ptr, offsets, mask, theta, tl.load(average_weights_ptr + 1))
+            weight_1 = tl.load(average_weights_ptr + 1)
         if NUM_AVERAGES > 2:
-            _ema_update(average_2_ptr, offsets, mask, theta, tl.load(average_weights_ptr + 2))
+            weight_2 = tl.load(average_weights_ptr + 2)
         if NUM_AVERAGES > 3:
-            _ema_update(average_3_ptr, offsets, mask, theta, tl.load(average_weights_ptr + 3))
+            weight_3 = tl.load(average_weights_ptr + 3)
         if NUM_AVERAGES > 4:
-            _ema_update(average_4_ptr, offsets, mask, theta, tl.load(average_weights_ptr + 4))
+            weight_4 = tl.load(average_weights_ptr + 4)
         if NUM_AVERAGES > 5:
-            _ema_update(average_5_ptr, offsets, mask, theta, tl.load(average_weights_ptr + 5))
+            weight_5 = tl.load(average_weights_ptr + 5)
         if NUM_AVERAGES > 6:
-            _ema_update(average_6_ptr, offsets, mask, theta, tl.load(average_weights_ptr + 6))
+            weight_6 = tl.load(average_weights_ptr + 6)
         if NUM_AVERAGES > 7:
-            _ema_update(average_7_ptr, offsets, mask, theta, tl.load(average_weights_ptr + 7))
-    elif AVERAGE_RULE == _RULE_BELAY:
-        average_0 = tl.load(average_0_ptr + offsets, mask=mask)
-        velocity = average_0  # any value: belay_rule ignores it without a velocity
-        if HAS_VELOCITY:
-            velocity = tl.load(average_velocity_ptr + offsets, mask=mask)
-        theta, average_0, velocity = belay_rule(theta, average_0, velocity, tl.load(average_weights_ptr), reaction,
-                                                inertia, HAS_VELOCITY)
-        tl.store(average_0_ptr + offsets, average_0, mask=mask)
-        if HAS_VELOCITY:
-            tl.store(average_velocity_ptr + offsets, velocity, mask=mask)
-    elif AVERAGE_RULE == _RULE_LAWA:
-        lawa_sum = tl.load(lawa_sum_ptr + offsets, mask=mask)
-        ring_slot = tl.load(lawa_ring_slot_ptr + offsets, mask=mask).to(tl.float32)
-        tl.store(lawa_sum_ptr + offsets, lawa_rule(theta, lawa_sum, ring_slot), mask=mask)
-        tl.store(lawa_ring_slot_ptr + offsets, _to_param_dtype(theta, dtype), mask=mask)
-    elif SWITCH:
-        average_0 = tl.load(average_0_ptr + offsets, mask=mask)
-    if SWITCH:
-        theta = switch_rule(average_0)
-    tl.store(param_ptr + offsets, _to_param_dtype(theta, dtype), mask=mask)
+            weight_7 = tl.load(average_weights_ptr + 7)
+
+    # The hinted path only where every address of the row is 16-byte aligned (a uniform branch): a view with a
+    # storage offset, or a buffer whose base or offset is not aligned, takes the same code without hints.
+    addresses = param_address | grad_address  # grad_address is 0 for average_
+    addresses = _or_address(addresses, state_0_ptr, offset)
+    addresses = _or_address(addresses, state_1_ptr, offset)
+    addresses = _or_address(addresses, state_2_ptr, offset)
+    addresses = _or_address(addresses, average_0_ptr, offset)
+    addresses = _or_address(addresses, average_1_ptr, offset)
+    addresses = _or_address(addresses, average_2_ptr, offset)
+    addresses = _or_address(addresses, average_3_ptr, offset)
+    addresses = _or_address(addresses, average_4_ptr, offset)
+    addresses = _or_address(addresses, average_5_ptr, offset)
+    addresses = _or_address(addresses, average_6_ptr, offset)
+    addresses = _or_address(addresses, average_7_ptr, offset)
+    addresses = _or_address(addresses, average_velocity_ptr, offset)
+    addresses = _or_address(addresses, lawa_sum_ptr, offset)
+    addresses = _or_address(addresses, lawa_ring_slot_ptr, offset)
+    if (addresses & 15) == 0:
+        _row(param_address, grad_address, numel, offset, state_0_ptr, state_1_ptr, state_2_ptr,
+             average_0_ptr, average_1_ptr, average_2_ptr, average_3_ptr,
+             average_4_ptr, average_5_ptr, average_6_ptr, average_7_ptr,
+             average_velocity_ptr, lawa_sum_ptr, lawa_ring_slot_ptr,
+             lr, first_step, step_size, bias_correction2_sqrt, decoupled_decay,
+             weight_0, weight_1, weight_2, weight_3, weight_4, weight_5, weight_6, weight_7,
+             momentum, one_minus_dampening, weight_decay, beta2, one_minus_beta1, one_minus_beta2, eps,
+             reaction, inertia, nesterov, maximize, decoupled_weight_decay,
+             DTYPE, OPTIMIZER, HAS_MOMENTUM_BUFFER, AMSGRAD, AVERAGE_RULE, NUM_AVERAGES, HAS_VELOCITY, SWITCH,
+             True, BLOCK)
+    else:
+        _row(param_address, grad_address, numel, offset, state_0_ptr, state_1_ptr, state_2_ptr,
+             average_0_ptr, average_1_ptr, average_2_ptr, average_3_ptr,
+             average_4_ptr, average_5_ptr, average_6_ptr, average_7_ptr,
+             average_velocity_ptr, lawa_sum_ptr, lawa_ring_slot_ptr,
+             lr, first_step, step_size, bias_correction2_sqrt, decoupled_decay,
+             weight_0, weight_1, weight_2, weight_3, weight_4, weight_5, weight_6, weight_7,
+             momentum, one_minus_dampening, weight_decay, beta2, one_minus_beta1, one_minus_beta2, eps,
+             reaction, inertia, nesterov, maximize, decoupled_weight_decay,
+             DTYPE, OPTIMIZER, HAS_MOMENTUM_BUFFER, AMSGRAD, AVERAGE_RULE, NUM_AVERAGES, HAS_VELOCITY, SWITCH,
+             False, BLOCK)
 
 
 # --- the ops ----------------------------------------------------------------------------------------
@@ -277,35 +473,79 @@ _INTERPRETER_HINT = ("to run the Triton kernels on CPU tensors in Triton's inter
 _BLOCK = 1024
 
 
-def _check_param(param: torch.Tensor) -> None:
-    if param.dtype not in KERNEL_DTYPES:
-        raise RuntimeError(f"fastavg: param must be float32, bfloat16 or float16, got {param.dtype}")
-    if not param.is_contiguous():
-        raise RuntimeError("fastavg: param must be contiguous (a flat buffer)")
-    if param.device.type == "cpu" and not _INTERPRETED:
-        raise RuntimeError(f"fastavg: param is on the CPU; {_INTERPRETER_HINT}")
+def _call_helpers_without_repatching() -> None:
+    """Interpreter only: calls between this module's ``@triton.jit`` functions skip Triton's re-patching.
+
+    Triton's interpreter re-patches ``triton.language`` (a walk over every member of the module, some ms) at
+    each call of one ``@triton.jit`` function from another, although the launch has patched it already for this
+    module's globals, which every helper shares. With a program per segment and the helpers it calls per row and
+    per block, that re-patching was ~95% of the interpreter's time. The helpers become instances of a subclass
+    whose call runs the rewritten function directly; the kernel's launch is untouched. A Triton whose interpreter
+    looks different keeps its own behaviour.
+    """
+    interpreted = type(_step_kernel)
+    if not hasattr(interpreted, "rewrite"):
+        return
+
+    class _Helper(interpreted):
+        def __call__(self, *args, **kwargs):
+            return self.rewrite()(*args, **kwargs)
+
+    for value in list(globals().values()):
+        if type(value) is interpreted and value is not _step_kernel:
+            value.__class__ = _Helper
 
 
-def _check_buffer(t: torch.Tensor, param: torch.Tensor, dtype: torch.dtype, name: str) -> None:
-    if t.device != param.device:
-        raise RuntimeError(f"fastavg: {name} is on {t.device}, param on {param.device}")
+if _INTERPRETED:
+    _call_helpers_without_repatching()
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def _check_params(params: list[torch.Tensor], grads: list[torch.Tensor] | None, segments: torch.Tensor) -> None:
+    """The tensors the table points into and the table, checked as the C++ ops check them on a GPU (the rows
+    themselves stay in device memory, unread)."""
+    first = params[0]
+    dtype, device = first.dtype, first.device
+    if dtype not in KERNEL_DTYPES:
+        raise RuntimeError(f"fastavg: param must be float32, bfloat16 or float16, got {dtype}")
+    if device.type == "cpu" and not _INTERPRETED:
+        raise RuntimeError(f"fastavg: params are on the CPU; {_INTERPRETER_HINT}")
+    if (segments.dtype != torch.int64 or segments.dim() != 2 or segments.size(1) != 4
+            or not segments.is_contiguous() or segments.device != device):
+        raise RuntimeError(f"fastavg: segments must be a contiguous int64 (n, 4) tensor on {device}")
+    for p in params:
+        if p.dtype != dtype or p.device != device:
+            raise RuntimeError(f"fastavg: params must share one dtype and device, got {p.dtype} on {p.device} "
+                               f"beside {dtype} on {device}")
+    if grads is not None:
+        if len(grads) != len(params):
+            raise RuntimeError(f"fastavg: grads must hold one tensor per param, got {len(grads)} for {len(params)}")
+        for i, (g, p) in enumerate(zip(grads, params)):
+            if g.dtype != dtype or g.device != device or g.numel() != p.numel():
+                raise RuntimeError(f"fastavg: grads[{i}] must match params[{i}] in dtype, device and size")
+
+
+def _check_buffer(t: torch.Tensor, device: torch.device, dtype: torch.dtype, name: str) -> None:
+    """A flat state or average buffer: on the parameters' device, of ``dtype``, contiguous and 1-D."""
+    if t.device != device:
+        raise RuntimeError(f"fastavg: {name} is on {t.device}, params on {device}")
     if t.dtype != dtype:
         raise RuntimeError(f"fastavg: {name} must be {dtype}, got {t.dtype}")
-    if not t.is_contiguous() or t.numel() != param.numel():
-        raise RuntimeError(f"fastavg: {name} must be contiguous with as many elements as param ({param.numel()})")
+    if not t.is_contiguous() or t.dim() != 1:
+        raise RuntimeError(f"fastavg: {name} must be a contiguous 1-D (flat) buffer")
 
 
-def _check_scalars(t: torch.Tensor, param: torch.Tensor, count: int, name: str) -> None:
-    if t.device != param.device or t.dtype != torch.float32 or not t.is_contiguous() or t.numel() < count:
+def _check_scalars(t: torch.Tensor, device: torch.device, count: int, name: str) -> None:
+    if t.device != device or t.dtype != torch.float32 or not t.is_contiguous() or t.numel() < count:
         raise RuntimeError(f"fastavg: {name} must be a contiguous float32 tensor of at least {count} value(s) on "
-                           f"{param.device}")
+                           f"{device}")
 
 
-def _check_optimizer_state(state: list[torch.Tensor], param: torch.Tensor, min_size: int, max_size: int) -> None:
+def _check_optimizer_state(state: list[torch.Tensor], device: torch.device, min_size: int, max_size: int) -> None:
     if not min_size <= len(state) <= max_size:
         raise RuntimeError(f"fastavg: optimizer_state must hold {min_size} to {max_size} tensors, got {len(state)}")
     for t in state:
-        _check_buffer(t, param, torch.float32, "optimizer_state")
+        _check_buffer(t, device, torch.float32, "optimizer_state")
 
 
 def _averaging_args(param, average_state, average_weights, average_rule, switch_to_average) -> dict:
@@ -319,19 +559,20 @@ def _averaging_args(param, average_state, average_weights, average_rule, switch_
     if not low <= len(average_state) <= high:
         raise RuntimeError(f"fastavg: average_state for rule {average_rule} must hold {low} to {high} tensors, got "
                            f"{len(average_state)}")
+    device = param.device
     args = dict(AVERAGE_RULE=average_rule, SWITCH=switch_to_average)
     if average_rule == RULE_LAWA:
-        _check_buffer(average_state[0], param, torch.float32, "lawa_sum")
-        _check_buffer(average_state[1], param, param.dtype, "lawa_ring_slot")
+        _check_buffer(average_state[0], device, torch.float32, "lawa_sum")
+        _check_buffer(average_state[1], device, param.dtype, "lawa_ring_slot")
         return dict(args, lawa_sum_ptr=average_state[0], lawa_ring_slot_ptr=average_state[1])
     for t in average_state:
-        _check_buffer(t, param, torch.float32, "average_state")
+        _check_buffer(t, device, torch.float32, "average_state")
     averages = average_state[:1] if average_rule == RULE_BELAY else average_state
     args.update({f"average_{k}_ptr": t for k, t in enumerate(averages)}, NUM_AVERAGES=len(averages))
     if average_rule == RULE_BELAY and len(average_state) == 2:
         args.update(average_velocity_ptr=average_state[1], HAS_VELOCITY=True)
     if average_rule != RULE_NONE:
-        _check_scalars(average_weights, param, len(averages), "average_weights")
+        _check_scalars(average_weights, device, len(averages), "average_weights")
         args.update(average_weights_ptr=average_weights)
     return args
 
@@ -348,13 +589,13 @@ _UNUSED_ARGS = dict(
 )
 
 
-def _launch(param: torch.Tensor, **args) -> None:
-    """One ``_step_kernel`` launch over the flat buffer ``param``."""
-    numel = param.numel()
-    if numel == 0:
+def _launch(params: list[torch.Tensor], segments: torch.Tensor, **args) -> None:
+    """One ``_step_kernel`` launch: a program per row of ``segments``."""
+    rows = segments.size(0)
+    if rows == 0:
         return
-    grid = (triton.cdiv(numel, _BLOCK),)
-    wrap_triton(_step_kernel)[grid](**{**_UNUSED_ARGS, **args, "param_ptr": param, "numel": numel, "BLOCK": _BLOCK})
+    wrap_triton(_step_kernel)[(rows,)](**{**_UNUSED_ARGS, **args, "segments_ptr": segments,
+                                          "DTYPE": _TL_DTYPES[params[0].dtype], "BLOCK": _BLOCK})
 
 
 def _log2(beta: float) -> float:
@@ -362,19 +603,21 @@ def _log2(beta: float) -> float:
     return math.log2(beta) if beta > 0 else -math.inf
 
 
-def _adam_step_(param: torch.Tensor, grad: torch.Tensor, optimizer_state: list[torch.Tensor],
-                average_state: list[torch.Tensor], lr: torch.Tensor, step: torch.Tensor,
-                average_weights: torch.Tensor, beta1: float, beta2: float, eps: float, weight_decay: float,
-                decoupled_weight_decay: bool, amsgrad: bool, maximize: bool, average_rule: int, reaction: float,
-                inertia: float, switch_to_average: bool) -> None:
-    _check_param(param)
-    _check_buffer(grad, param, param.dtype, "grad")
+def _adam_step_(params: list[torch.Tensor], grads: list[torch.Tensor], segments: torch.Tensor,
+                optimizer_state: list[torch.Tensor], average_state: list[torch.Tensor], lr: torch.Tensor,
+                step: torch.Tensor, average_weights: torch.Tensor, beta1: float, beta2: float, eps: float,
+                weight_decay: float, decoupled_weight_decay: bool, amsgrad: bool, maximize: bool, average_rule: int,
+                reaction: float, inertia: float, switch_to_average: bool) -> None:
+    if not params:
+        return
+    _check_params(params, grads, segments)
+    device = params[0].device
     size = 3 if amsgrad else 2
-    _check_optimizer_state(optimizer_state, param, size, size)
-    _check_scalars(lr, param, 1, "lr")
-    _check_scalars(step, param, 1, "step")
-    averaging = _averaging_args(param, average_state, average_weights, average_rule, switch_to_average)
-    _launch(param, OPTIMIZER=_ADAM.value, grad_ptr=grad, state_0_ptr=optimizer_state[0],
+    _check_optimizer_state(optimizer_state, device, size, size)
+    _check_scalars(lr, device, 1, "lr")
+    _check_scalars(step, device, 1, "step")
+    averaging = _averaging_args(params[0], average_state, average_weights, average_rule, switch_to_average)
+    _launch(params, segments, OPTIMIZER=_ADAM.value, state_0_ptr=optimizer_state[0],
             state_1_ptr=optimizer_state[1], state_2_ptr=optimizer_state[2] if amsgrad else None, lr_ptr=lr,
             step_ptr=step, log2_beta1=_log2(beta1), log2_beta2=_log2(beta2), beta2=beta2,
             one_minus_beta1=1.0 - beta1, one_minus_beta2=1.0 - beta2,
@@ -383,36 +626,41 @@ def _adam_step_(param: torch.Tensor, grad: torch.Tensor, optimizer_state: list[t
             inertia=inertia, **averaging)
 
 
-def _sgd_step_(param: torch.Tensor, grad: torch.Tensor, optimizer_state: list[torch.Tensor],
-               average_state: list[torch.Tensor], lr: torch.Tensor, step: torch.Tensor, average_weights: torch.Tensor,
-               momentum: float, dampening: float, weight_decay: float, nesterov: bool, maximize: bool,
-               heavy_ball: bool, average_rule: int, reaction: float, inertia: float,
-               switch_to_average: bool) -> None:
-    _check_param(param)
-    _check_buffer(grad, param, param.dtype, "grad")
-    _check_optimizer_state(optimizer_state, param, 0, 1)
+def _sgd_step_(params: list[torch.Tensor], grads: list[torch.Tensor], segments: torch.Tensor,
+               optimizer_state: list[torch.Tensor], average_state: list[torch.Tensor], lr: torch.Tensor,
+               step: torch.Tensor, average_weights: torch.Tensor, momentum: float, dampening: float,
+               weight_decay: float, nesterov: bool, maximize: bool, heavy_ball: bool, average_rule: int,
+               reaction: float, inertia: float, switch_to_average: bool) -> None:
+    if not params:
+        return
+    _check_params(params, grads, segments)
+    device = params[0].device
+    _check_optimizer_state(optimizer_state, device, 0, 1)
     if (momentum != 0) != (len(optimizer_state) == 1):
         raise RuntimeError("fastavg: optimizer_state must hold the momentum buffer exactly when momentum != 0")
-    _check_scalars(lr, param, 1, "lr")
-    _check_scalars(step, param, 1, "step")
-    averaging = _averaging_args(param, average_state, average_weights, average_rule, switch_to_average)
-    _launch(param, OPTIMIZER=(_SGD_HEAVY_BALL if heavy_ball else _SGD_TORCH).value, grad_ptr=grad,
+    _check_scalars(lr, device, 1, "lr")
+    _check_scalars(step, device, 1, "step")
+    averaging = _averaging_args(params[0], average_state, average_weights, average_rule, switch_to_average)
+    _launch(params, segments, OPTIMIZER=(_SGD_HEAVY_BALL if heavy_ball else _SGD_TORCH).value,
             state_0_ptr=optimizer_state[0] if optimizer_state else None, HAS_MOMENTUM_BUFFER=bool(optimizer_state),
             lr_ptr=lr, step_ptr=step, momentum=momentum, one_minus_dampening=1.0 - dampening, weight_decay=weight_decay,
             nesterov=nesterov, maximize=maximize, reaction=reaction, inertia=inertia, **averaging)
 
 
-def _average_(param: torch.Tensor, average_state: list[torch.Tensor], average_weights: torch.Tensor,
-              average_rule: int, reaction: float, inertia: float, switch_to_average: bool) -> None:
-    _check_param(param)
-    averaging = _averaging_args(param, average_state, average_weights, average_rule, switch_to_average)
-    _launch(param, OPTIMIZER=_NO_OPTIMIZER.value, reaction=reaction, inertia=inertia, **averaging)
+def _average_(params: list[torch.Tensor], segments: torch.Tensor, average_state: list[torch.Tensor],
+              average_weights: torch.Tensor, average_rule: int, reaction: float, inertia: float,
+              switch_to_average: bool) -> None:
+    if not params:
+        return
+    _check_params(params, None, segments)
+    averaging = _averaging_args(params[0], average_state, average_weights, average_rule, switch_to_average)
+    _launch(params, segments, OPTIMIZER=_NO_OPTIMIZER.value, reaction=reaction, inertia=inertia, **averaging)
 
 
 _OPS = {
-    "adam_step_": (_adam_step_, {"param", "optimizer_state", "average_state"}),
-    "sgd_step_": (_sgd_step_, {"param", "optimizer_state", "average_state"}),
-    "average_": (_average_, {"param", "average_state"}),
+    "adam_step_": (_adam_step_, {"params", "optimizer_state", "average_state"}),
+    "sgd_step_": (_sgd_step_, {"params", "optimizer_state", "average_state"}),
+    "average_": (_average_, {"params", "average_state"}),
 }
 
 
