@@ -9,7 +9,7 @@ import sys
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
-CPU_SOURCES = ["csrc/fastavg_ops.cpp", "csrc/fastavg_cpu.cpp"]
+CPU_SOURCES = ["csrc/fastavg_ops.cpp", "csrc/fastavg_cpu.cpp", "csrc/fastavg_eager.cpp"]
 CUDA_SOURCES = ["csrc/fastavg_cuda.cu", "csrc/fastavg_cuda_ops.cpp"]
 CXX_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-std=c++17"]
 

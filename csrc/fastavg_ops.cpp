@@ -1,5 +1,4 @@
-// Op schemas, argument checks and the CPU registration; also the Python module fastavg._C.
-#include <Python.h>
+// Op schemas, argument checks and the CPU registration.
 #include <torch/library.h>
 
 #include <algorithm>
@@ -276,7 +275,3 @@ TORCH_LIBRARY_IMPL(fastavg, CPU, m) {
   m.impl("sgd_step_", sgd_step_cpu);
   m.impl("average_", average_cpu);
 }
-
-static PyModuleDef fastavg_module = {PyModuleDef_HEAD_INIT, "_C", "fastavg's compiled kernels (registered as torch.ops.fastavg)", -1, nullptr};
-
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&fastavg_module); }

@@ -23,6 +23,7 @@ from types import SimpleNamespace
 import torch
 
 from . import _segments, reference
+from .buffers import _addresses_match_in_python
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -88,19 +89,23 @@ def _reference_average(param, work, average_state, average_weights, average_rule
 
 
 REFERENCE = SimpleNamespace(name="reference", adam_step_=_reference_adam_step_, sgd_step_=_reference_sgd_step_,
-                            average_=_reference_average_)
+                            average_=_reference_average_, eager=None)
 
 
 def _load_extension():
     try:
-        from . import _C  # noqa: F401  (registers torch.ops.fastavg)
+        from . import _C  # registers torch.ops.fastavg
     except ImportError as error:
         return None, f"the C++ extension fastavg._C is not built ({error}); reinstall with a compiler and torch present"
     ops = torch.ops.fastavg
-    return SimpleNamespace(adam_step_=ops.adam_step_, sgd_step_=ops.sgd_step_, average_=ops.average_), ""
+    eager = SimpleNamespace(adam_step_=_C.adam_step_, sgd_step_=_C.sgd_step_, average_=_C.average_)
+    return SimpleNamespace(adam_step_=ops.adam_step_, sgd_step_=ops.sgd_step_, average_=ops.average_, eager=eager,
+                           addresses_match=_C.addresses_match), ""
 
 
 _EXTENSION, _EXTENSION_REASON = _load_extension()
+# Whether parameters and gradients are still where a cached segment table says (one C++ pass if built).
+addresses_match = _EXTENSION.addresses_match if _EXTENSION is not None else _addresses_match_in_python
 
 
 def _extension_backend(name: str, dispatch_key: str):

@@ -15,7 +15,9 @@ reference and against torch's best.
 
 Implementations, all measured in the same run on the same layout:
 
-- ``fastavg[<backend>]``: the fused step, one per available backend.
+- ``fastavg[<backend>]``: the fused step, one per available backend, with the parameters where they are
+  (the default); ``fastavg[<backend>, flat_params]``: the same with ``flat_params=True`` (parameters and
+  gradients moved into flat buffers: one segment per step).
 - ``torch best + foreach``: ``torch.optim.AdamW(fused=True)`` / ``SGD(fused=True)`` (``foreach`` where
   fused is unsupported), then the averaging in ``torch._foreach_*`` ops on fp32 averages
   (``_foreach_lerp_`` per EMA; LAWA's ring update; SEMA's copy back).
@@ -105,7 +107,9 @@ def layout_shapes(layout: str, total: int) -> list[tuple[int, ...]]:
         return gpt2_like_shapes(total)
     if layout == "small":
         return [(1000,)] * max(1, total // 1000)
-    raise ValueError(f"layout must be 'large', 'gpt2' or 'small', got {layout!r}")
+    if layout == "tiny":
+        return [(10,)] * max(1, total // 10)
+    raise ValueError(f"layout must be 'large', 'gpt2', 'small' or 'tiny', got {layout!r}")
 
 
 @dataclass(frozen=True)
@@ -294,8 +298,10 @@ def _implementations(config: Config, backends, baselines, compile_reference: boo
     cls_name = "AdamW" if config.optimizer == "adamw" else "SGD"
     impls = {}
     for backend in backends:
-        impls[f"fastavg[{backend}]"] = lambda p, b=backend: getattr(fastavg, cls_name)(
-            p, average=config.averager_object(), backend=b, **config.kwargs())
+        for flat_params in (False, True):
+            name = f"fastavg[{backend}{', flat_params' if flat_params else ''}]"
+            impls[name] = lambda p, b=backend, f=flat_params: getattr(fastavg, cls_name)(
+                p, average=config.averager_object(), backend=b, flat_params=f, **config.kwargs())
     if "torch-best" in baselines:
         impls[_TORCH_BEST] = lambda p: _TorchBest(p, config)
     if "averaged-model" in baselines and config.is_ema:
@@ -593,8 +599,9 @@ def main(argv=None) -> None:
                         help=f"comma-separated: {','.join(AVERAGERS)}")
     parser.add_argument("--sizes", "--size", type=_parse_sizes, default=None,
                         help="comma-separated parameter counts, e.g. 1M,10M,100M (default: 2M CPU, 124M GPU)")
-    parser.add_argument("--layouts", "--layout", type=_csv_list(("large", "gpt2", "small")), default=["gpt2"],
-                        help="comma-separated: large (one tensor), gpt2 (148 tensors), small (1000-element tensors)")
+    parser.add_argument("--layouts", "--layout", type=_csv_list(("large", "gpt2", "small", "tiny")), default=["gpt2"],
+                        help="comma-separated: large (one tensor), gpt2 (148 tensors), small (1000-element tensors), "
+                             "tiny (10-element tensors)")
     parser.add_argument("--dtypes", "--dtype", type=_csv_list(("float32", "bfloat16", "float16")),
                         default=["float32"], help="comma-separated parameter dtypes")
     parser.add_argument("--backends", default=None, help="comma-separated fastavg backends (default: all available)")

@@ -45,26 +45,44 @@ def _describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, {t.dtype}, {t.device}"
 
 
-class _Launch:
-    """One kernel launch: which parameters, the segment table, and staging copies around it.
+def _addresses(params, with_grads: bool) -> torch.Tensor:
+    """The host int64 ``(n, 2)`` table of (address, gradient address or 0) that a launch is built from."""
+    rows = [(p.data_ptr(), p.grad.data_ptr() if with_grads else 0) for p in params]
+    return torch.tensor(rows, dtype=torch.int64).reshape(-1, 2)
 
-    It keeps indices rather than tensors, so that a cached launch holds no gradient alive; ``tensors``
-    gathers this step's parameters and gradients.
+
+def _addresses_match_in_python(params, addresses: torch.Tensor) -> bool:
+    expected = addresses.tolist()
+    return len(expected) == len(params) and all(
+        [p.data_ptr(), 0 if p.grad is None else p.grad.data_ptr()] == row for p, row in zip(params, expected))
+
+
+class _Launch:
+    """One kernel launch: its parameters, the segment table, and staging copies around it.
+
+    A launch keeps the parameters (as the optimizer does) but never a gradient, so that a cached launch
+    holds no memory alive; :meth:`tensors` gathers this step's gradients. ``addresses`` is what the
+    table was built from: while every parameter and gradient is still there, the launch is reused.
     """
 
-    def __init__(self, indices, table, param_staging, grad_staging, flat=None):
+    def __init__(self, indices, params, with_grads, table, param_staging, grad_staging, flat=None):
         self.indices = indices
+        self.params = params
+        self.with_grads = with_grads
+        self.addresses = _addresses(params, with_grads)
         self.table = table
         self.param_staging = param_staging  # {position in the launch: staging tensor} for undense parameters
         self.grad_staging = grad_staging  # {position: staging tensor} for gradients laid out unlike θ
         self.flat = flat  # flat_params with every gradient a view: (data, grad), the whole bucket
+        # The kernels address the parameters and gradients themselves: the extension's eager path applies.
+        self.direct = flat is None and not param_staging and not grad_staging
 
-    def tensors(self, params, grads):
+    def tensors(self):
         """This step's ``(params, grads)`` lists for the launch, staged; ``grads`` None for averaging alone."""
         if self.flat is not None:
             return [self.flat[0]], [self.flat[1]]
-        ps = [params[i] for i in self.indices]
-        gs = [grads[i] for i in self.indices] if grads is not None else None
+        ps = list(self.params)
+        gs = [p.grad for p in ps] if self.with_grads else None
         for k, staging in self.param_staging.items():
             staging.copy_(ps[k])
             ps[k] = staging
@@ -73,10 +91,10 @@ class _Launch:
             gs[k] = staging
         return ps, gs
 
-    def finish(self, params) -> None:
+    def finish(self) -> None:
         """Copy staged parameters back."""
         for k, staging in self.param_staging.items():
-            params[self.indices[k]].copy_(staging)
+            self.params[k].copy_(staging)
 
 
 class Bucket:
@@ -111,7 +129,6 @@ class Bucket:
         self.data = self.grad = None
         if flat_params:
             self._init_flat_params()
-        self._cache_key = None
         self._cache = None
         # The per-launch scalars (lr, step, averaging weights) the kernels read: on the CPU lr lives
         # here and step in ``steps``; on a GPU all of them travel in ``scalars``, made at the first step.
@@ -158,6 +175,7 @@ class Bucket:
             if p.grad is not None:
                 self.view(self.grad, i).copy_(p.grad)
                 p.grad = self.view(self.grad, i)
+        self._flat_grad_addresses = [self.view(self.grad, i).data_ptr() for i in range(len(self.params))]
 
     def _relayout(self, i: int, strides: tuple[int, ...]) -> None:
         """Lay parameter ``i``'s segments out as ``strides`` (its new memory layout), keeping their values."""
@@ -177,6 +195,11 @@ class Bucket:
                                  [p.detach() for p in self.params])
 
     # --- per step ---------------------------------------------------------------------------------
+    def current(self, addresses_match) -> bool:
+        """Whether the cached launches still hold: every parameter and gradient is where their tables say."""
+        return self._cache is not None and all(
+            addresses_match(launch.params, launch.addresses) for _, launch in self._cache)
+
     def _check(self, i: int, p: torch.Tensor, grad) -> None:
         """Raise, changing nothing, if parameter ``i`` or its gradient can no longer be stepped here."""
         if p.shape != self.shapes[i] or p.dtype != self.dtype or p.device != self.device:
@@ -193,70 +216,66 @@ class Bucket:
                 f"on {p.device}"
             )
 
-    def prepare(self, stepping: bool):
-        """Check every parameter and gradient, changing nothing; return what :meth:`launches` needs.
+    def check(self) -> None:
+        """Check every parameter and gradient, changing nothing (the cache did not hold)."""
+        for i, p in enumerate(self.params):
+            self._check(i, p, p.grad)
 
-        ``stepping`` is False for averaging-only work (swap, switch), which ignores gradients.
+    def launches(self, cache_holds: bool) -> list[tuple[bool, _Launch]]:
+        """Count this step for every parameter with a gradient; return ``(has_grad, launch)`` pairs.
+
+        One launch per distinct step count among the parameters with a gradient (one, unless some
+        parameters skipped steps), and one averaging-only launch for those without. The launches are
+        cached while every parameter has a gradient (or none has) and all share one step count.
         """
-        params = self.params
-        grads = [p.grad for p in params] if stepping else [None] * len(params)
-        key = ([p.data_ptr() for p in params], [0 if g is None else g.data_ptr() for g in grads])
-        if key != self._cache_key:
-            for i, p in enumerate(params):
-                self._check(i, p, grads[i])
-        return key, grads
+        if cache_holds:
+            if self._cache[0][0]:
+                self.steps.add_(1)
+            return self._cache
+        if self.flat_params:
+            self._flat_refresh()
+        has_grad = [p.grad is not None for p in self.params]
+        if all(has_grad):
+            self.steps.add_(1)
+        else:
+            self.steps.add_(torch.tensor(has_grad, dtype=torch.float32))
+            self.refresh_steps()
+        self._cache = None
+        if self._uniform_steps:
+            groups = [0 if g else None for g in has_grad]
+        else:  # parameters at different step counts (some skipped steps): grouped afresh every step
+            steps = self.steps.tolist()
+            groups = [steps[i] if g else None for i, g in enumerate(has_grad)]
+        launches = self._plan(groups)
+        if self._uniform_steps and len(launches) == 1:
+            self._cache = launches
+        return launches
 
-    def _flat_refresh(self, grads) -> list:
+    def _flat_refresh(self) -> None:
         """flat_params: bring relocated parameters and separate gradients back into the flat buffers."""
         for i, p in enumerate(self.params):
             view = self.view(self.data, i)
             if p.data_ptr() != view.data_ptr():
                 view.copy_(p.detach())
                 p.data = view
-            if grads[i] is not None and grads[i].data_ptr() != self.view(self.grad, i).data_ptr():
-                self.view(self.grad, i).copy_(grads[i])
+            if p.grad is not None and p.grad.data_ptr() != self._flat_grad_addresses[i]:
+                self.view(self.grad, i).copy_(p.grad)
                 p.grad = self.view(self.grad, i)
-        return [p.grad for p in self.params]
 
-    def launches(self, prepared, stepping: bool) -> tuple[list, list[tuple[bool, _Launch]]]:
-        """Count this step for every parameter with a gradient; return the gradients and ``(has_grad, launch)``
-        pairs.
-
-        One launch per distinct step count among the parameters with a gradient (one, unless some
-        parameters skipped steps), and one averaging-only launch for those without.
-        """
-        key, grads = prepared
-        if self.flat_params:
-            grads = self._flat_refresh(grads) if stepping else grads
-            key = ([p.data_ptr() for p in self.params], [0 if g is None else g.data_ptr() for g in grads])
-        has_grad = [g is not None for g in grads]
-        if stepping:
-            self.steps.add_(torch.tensor(has_grad, dtype=torch.float32))
-            if not all(has_grad):
-                self.refresh_steps()
-        if self._uniform_steps or not stepping:
-            if key != self._cache_key:
-                self._cache = self._plan(grads, [0 if g else None for g in has_grad])
-                self._cache_key = key
-            return grads, self._cache
-        # Parameters at different step counts (some skipped steps): grouped afresh every step.
-        steps = self.steps.tolist()
-        self._cache_key = None
-        return grads, self._plan(grads, [steps[i] if g else None for i, g in enumerate(has_grad)])
-
-    def _plan(self, grads, groups) -> list[tuple[bool, _Launch]]:
+    def _plan(self, groups) -> list[tuple[bool, _Launch]]:
         """The launches for parameters grouped by ``groups[i]`` (a step count, or None: no gradient)."""
         members: dict = {}
         for i, group in enumerate(groups):
             members.setdefault(group, []).append(i)
         if self.flat_params and list(members) == [0] and all(
-                g.data_ptr() == self.view(self.grad, i).data_ptr() for i, g in enumerate(grads)):
+                p.grad.data_ptr() == address for p, address in zip(self.params, self._flat_grad_addresses)):
             table = _segments.table(_segments.rows(self.data, self.grad, 0), self.device)
-            return [(True, _Launch([0], table, {}, {}, flat=(self.data, self.grad)))]
-        return [(group is not None, self._launch_for(indices, grads if group is not None else None))
+            return [(True, _Launch(list(range(len(self.params))), self.params, True, table, {}, {},
+                                   flat=(self.data, self.grad)))]
+        return [(group is not None, self._launch_for(indices, group is not None))
                 for group, indices in members.items()]
 
-    def _launch_for(self, indices: list[int], grads) -> _Launch:
+    def _launch_for(self, indices: list[int], with_grads: bool) -> _Launch:
         rows, param_staging, grad_staging = [], {}, {}
         for k, i in enumerate(indices):
             p = self.params[i]
@@ -267,16 +286,17 @@ class Bucket:
                     p = param_staging[k] = torch.empty_strided(p.shape, self.strides[i], dtype=p.dtype,
                                                                 device=p.device)
             g = None
-            if grads is not None:
-                g = grads[i]
+            if with_grads:
+                g = self.params[i].grad
                 if not _same_layout(g, self.strides[i]):
                     g = grad_staging[k] = torch.empty_strided(g.shape, self.strides[i], dtype=g.dtype,
                                                                device=g.device)
             rows += _segments.rows(p, g, self.offsets[i])
-        return _Launch(indices, _segments.table(rows, self.device), param_staging, grad_staging)
+        return _Launch(indices, [self.params[i] for i in indices], with_grads, _segments.table(rows, self.device),
+                       param_staging, grad_staging)
 
     def refresh_steps(self) -> None:
         """Note whether all parameters share one step count (then a step needs one launch)."""
         self._uniform_steps = bool((self.steps == self.steps[0]).all())
         if not self._uniform_steps:
-            self._cache_key = None
+            self._cache = None

@@ -64,24 +64,27 @@ class _FusedOptimizer(AveragingOptimizer):
                 "the host each step. Capture the ops (torch.ops.fastavg.adam_step_ etc.), which read them from "
                 "device tensors, or run the step outside the graph"
             )
-        prepared = [bucket.prepare(stepping=True) for bucket in self._all_buckets()]
+        buckets = self._all_buckets()
+        holds = [bucket.current(_backends.addresses_match) for bucket in buckets]
+        for bucket, cache_holds in zip(buckets, holds):
+            if not cache_holds:
+                bucket.check()
         if self._average_step == 0 and self.average is not None:
-            for bucket in self._all_buckets():
+            for bucket in buckets:
                 bucket.seed_averages()
         plan = self._advance_average_step()
         if plan.rule != RULE_NONE:
             for k, weight in enumerate(plan.weights):
                 self._weights_cpu[k] = weight
-        prepared = iter(prepared)
-        for group, buckets in zip(self.param_groups, self._buckets):
+        holds = iter(holds)
+        for group, group_buckets in zip(self.param_groups, self._buckets):
             for name in self._optimizer_state(group):
-                for bucket in buckets:
+                for bucket in group_buckets:
                     if name not in bucket.buffers:
                         bucket.add_buffer(name)
-            for bucket in buckets:
-                grads, launches = bucket.launches(next(prepared), stepping=True)
-                for has_grad, launch in launches:
-                    self._launch(group, bucket, plan, has_grad, launch, grads)
+            for bucket in group_buckets:
+                for has_grad, launch in bucket.launches(next(holds)):
+                    self._launch(group, bucket, plan, has_grad, launch)
         return loss
 
     def _scalars(self, bucket: Bucket, lr: float, first: int):
@@ -99,39 +102,47 @@ class _FusedOptimizer(AveragingOptimizer):
         bucket.scalars.copy_(host, non_blocking=True)
         return bucket.scalars[0:1], bucket.scalars[1:2], bucket.scalars[2:]
 
-    def _launch(self, group, bucket: Bucket, plan: AveragePlan, has_grad: bool, launch: _Launch, grads) -> None:
+    def _launch(self, group, bucket: Bucket, plan: AveragePlan, has_grad: bool, launch: _Launch) -> None:
         averaging = plan.rule != RULE_NONE or plan.switch
         if not has_grad and not averaging:
             return
-        params, launch_grads = launch.tensors(bucket.params, grads if has_grad else None)
         averages = average_state(plan, bucket.buffers)
         kwargs = average_kwargs(self.average)
         lr, step, weights = self._scalars(bucket, float(group["lr"]) if has_grad else 0.0, launch.indices[0])
+        # The extension's eager path takes the parameters alone (it reads their gradients in C++); other
+        # backends, staged and flat launches take this step's (params, grads) lists.
+        eager = getattr(bucket.backend, "eager", None)
+        if launch.direct and eager is not None:
+            ops, tensors = eager, (launch.params,)
+        else:
+            params, grads = launch.tensors()
+            ops, tensors = bucket.backend, ((params, grads) if has_grad else (params,))
         if has_grad:
             state = [bucket.buffers[name] for name in self._optimizer_state(group)]
-            self._fused_step(bucket.backend, group, params, launch_grads, launch.table, state, averages, lr, step,
-                             weights, plan.rule, kwargs["reaction"], kwargs["inertia"], plan.switch)
+            self._fused_step(ops, group, tensors, launch.table, state, averages, lr, step, weights, plan.rule,
+                             kwargs["reaction"], kwargs["inertia"], plan.switch)
         else:
-            bucket.backend.average_(params, launch.table, averages, weights, plan.rule, kwargs["reaction"],
-                                    kwargs["inertia"], plan.switch)
-        launch.finish(bucket.params)
+            ops.average_(*tensors, launch.table, averages, weights, plan.rule, kwargs["reaction"], kwargs["inertia"],
+                         plan.switch)
+        launch.finish()
 
-    def _fused_step(self, backend, group, params, grads, segments, state, averages, lr, step, weights, rule,
-                    reaction, inertia, switch):
+    def _fused_step(self, ops, group, tensors, segments, state, averages, lr, step, weights, rule, reaction, inertia,
+                    switch):
+        """``ops.<optimizer>_step_(*tensors, segments, ...)``: ``tensors`` is ``(params, grads)`` or ``(params,)``."""
         raise NotImplementedError
 
     def _after_load(self) -> None:
         for bucket in self._all_buckets():
             bucket.refresh_steps()
-            bucket._cache_key = None
+            bucket._cache = None
 
 
 class SGD(SGDArguments, _FusedOptimizer):
     """Fused SGD; ``momentum_style="torch"`` is exactly ``torch.optim.SGD``, ``"heavy_ball"`` Polyak's form."""
 
-    def _fused_step(self, backend, group, params, grads, segments, state, averages, lr, step, weights, rule,
-                    reaction, inertia, switch):
-        backend.sgd_step_(params, grads, segments, state, averages, lr, step, weights, float(group["momentum"]),
+    def _fused_step(self, ops, group, tensors, segments, state, averages, lr, step, weights, rule, reaction, inertia,
+                    switch):
+        ops.sgd_step_(*tensors, segments, state, averages, lr, step, weights, float(group["momentum"]),
                           float(group["dampening"]), float(group["weight_decay"]), bool(group["nesterov"]),
                           bool(group["maximize"]), group["momentum_style"] == "heavy_ball", rule, reaction, inertia,
                           switch)
@@ -140,10 +151,10 @@ class SGD(SGDArguments, _FusedOptimizer):
 class Adam(AdamArguments, _FusedOptimizer):
     """Fused Adam (L2 weight decay), exactly ``torch.optim.Adam`` including amsgrad and maximize."""
 
-    def _fused_step(self, backend, group, params, grads, segments, state, averages, lr, step, weights, rule,
-                    reaction, inertia, switch):
+    def _fused_step(self, ops, group, tensors, segments, state, averages, lr, step, weights, rule, reaction, inertia,
+                    switch):
         beta1, beta2 = group["betas"]
-        backend.adam_step_(params, grads, segments, state, averages, lr, step, weights, float(beta1), float(beta2),
+        ops.adam_step_(*tensors, segments, state, averages, lr, step, weights, float(beta1), float(beta2),
                            float(group["eps"]), float(group["weight_decay"]), self._decoupled_weight_decay,
                            bool(group["amsgrad"]), bool(group["maximize"]), rule, reaction, inertia, switch)
 
