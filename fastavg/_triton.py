@@ -22,8 +22,9 @@ other rows take the same code without hints. tests/test_triton_compile.py checks
 Only the structure of a step is a compile-time constant (the parameter dtype, which optimizer, which averaging
 rule, which buffers exist, the block size); lr, step and the averaging weights are read from device memory and
 every other hyperparameter is a runtime argument, so changing them never recompiles and a step can be captured
-in a CUDA graph. Parameters and gradients reach the kernel only through the table's addresses: under
-``torch.compile`` the op's schema, not the kernel's arguments, says that it writes them.
+in a CUDA graph. Parameters and gradients reach the kernel only through the table's addresses, not as kernel
+arguments: ``torch.compile``, which traces into the kernel rather than the op, sees the writes to the state and
+average buffers but not those to the parameters.
 
 With ``TRITON_INTERPRET=1`` set before Triton is imported, the kernels run on CPU tensors in Triton's
 interpreter (which dereferences the table's addresses in host memory); that is how CI without a GPU tests them.
@@ -171,9 +172,9 @@ def round_to(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def _ema_update(average_ptr, offsets, mask, theta, weight):
-    average = ema_rule(tl.load(average_ptr + offsets, mask=mask), theta, weight)
-    tl.store(average_ptr + offsets, average, mask=mask)
+def _ema_update(average_ptr, index, mask, theta, weight):
+    average = ema_rule(tl.load(average_ptr + index, mask=mask), theta, weight)
+    tl.store(average_ptr + index, average, mask=mask)
     return average
 
 
@@ -471,6 +472,7 @@ _INTERPRETER_HINT = ("to run the Triton kernels on CPU tensors in Triton's inter
                      "before fastavg first looks for its backends (the first optimizer built or "
                      "fastavg.backend_status() call): Triton picks the interpreter when it defines the kernels")
 _BLOCK = 1024
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 def _call_helpers_without_repatching() -> None:
@@ -498,7 +500,6 @@ def _call_helpers_without_repatching() -> None:
 
 if _INTERPRETED:
     _call_helpers_without_repatching()
-_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 def _check_params(params: list[torch.Tensor], grads: list[torch.Tensor] | None, segments: torch.Tensor) -> None:
