@@ -2,7 +2,8 @@
 
 Without a GPU the kernels run on CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1``, set by
 conftest.py before fastavg defines its Triton kernels), so CI exercises every kernel; with a GPU the same tests
-run compiled, and the torch.compile and CUDA-graph tests run too.
+run compiled, and the torch.compile and CUDA-graph tests run too. The interpreter ignores pointer hints and vector
+widths: test_triton_compile.py checks the compiled code.
 """
 import math
 
