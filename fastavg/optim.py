@@ -22,6 +22,14 @@ from .reference import average_kwargs, average_state
 __all__ = ["SGD", "Adam", "AdamW"]
 
 
+def _is_dtensor(p: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(p, DTensor)
+
+
 class _FusedOptimizer(AveragingOptimizer):
     def __init__(self, params, defaults, average, backend, flat_params):
         self._backend_request = _backends.default_request(backend)
@@ -35,6 +43,11 @@ class _FusedOptimizer(AveragingOptimizer):
     def _init_group_state(self, group: dict) -> None:
         by_key: dict = {}
         for p in group["params"]:
+            if _is_dtensor(p):
+                raise NotImplementedError(
+                    "fastavg's fused optimizers do not support DTensor parameters yet (FSDP2's fully_shard, tensor "
+                    "parallelism); use torch.optim for sharded models for now"
+                )
             by_key.setdefault((p.device, p.dtype), []).append(p)
         backends = {key: _backends.resolve(self._backend_request, *key) for key in by_key}
         buckets = []
