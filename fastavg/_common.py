@@ -128,6 +128,7 @@ class AveragingOptimizer(torch.optim.Optimizer):
 
     def _begin_step(self, closure):
         """Run the closure (with grad enabled) and re-check the groups a scheduler may have changed."""
+        self._refuse_inside_swap("opt.step()")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -178,20 +179,35 @@ class AveragingOptimizer(torch.optim.Optimizer):
 
     @contextlib.contextmanager
     def swap_average(self, index: int = 0):
-        """Inside the block the parameters hold the average; the raw weights come back on exit, always."""
+        """Inside the block the parameters hold the average; the raw weights come back on exit, always.
+
+        ``step()``, ``switch_to_average()``, ``load_state_dict()`` and a nested swap raise inside the block:
+        their work would be thrown away (or restored over) on exit.
+        """
+        self._refuse_inside_swap("swap_average()")
         self._require_average(index)
         with torch.no_grad():
             raw = self._save_weights()
             self._load_average(index)
+        self._inside_swap = True
         try:
             yield self
         finally:
+            self._inside_swap = False
             with torch.no_grad():
                 self._restore_weights(raw)
+
+    def _refuse_inside_swap(self, what: str) -> None:
+        if getattr(self, "_inside_swap", False):
+            raise RuntimeError(
+                f"{what} was called inside `with opt.swap_average():`, where the parameters hold the average and "
+                "the raw weights come back on exit, so its work would be lost; leave the block first"
+            )
 
     @torch.no_grad()
     def switch_to_average(self, index: int = 0) -> None:
         """``θ ← e`` now (Switch EMA at an epoch's end); the average and optimizer state are untouched."""
+        self._refuse_inside_swap("switch_to_average()")
         self._require_average(index)
         self._load_average(index)
 
@@ -222,6 +238,7 @@ class AveragingOptimizer(torch.optim.Optimizer):
         Values are copied into the existing (fp32) state and average buffers. A plain ``torch.optim``
         state dict leaves the averages and the averaging step as they are.
         """
+        self._refuse_inside_swap("load_state_dict()")
         if not isinstance(state_dict, dict) or "param_groups" not in state_dict or "state" not in state_dict:
             raise ValueError("state_dict must be an optimizer state dict with 'state' and 'param_groups'")
         saved_groups = state_dict["param_groups"]

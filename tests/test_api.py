@@ -148,3 +148,21 @@ print("ok", p.detach().tolist())
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ok")
+
+
+def test_work_that_a_swap_would_throw_away_raises_inside_it(impl):
+    params = make_params(9, torch.float32)
+    opt = impl.AdamW(params, lr=0.1, average=fastavg.EMA(0.5))
+    set_grads(params, 0)
+    opt.step()
+    state = opt.state_dict()
+    with opt.swap_average():
+        averaged = [p.detach().clone() for p in params]
+        for call in (opt.step, opt.switch_to_average, lambda: opt.load_state_dict(state),
+                     lambda: opt.swap_average().__enter__()):
+            with pytest.raises(RuntimeError, match="leave the block first"):
+                call()
+        assert all(torch.equal(p.detach(), a) for p, a in zip(params, averaged))
+    assert opt._average_step == 1
+    opt.step()
+    assert opt._average_step == 2
