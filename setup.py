@@ -11,7 +11,12 @@ from setuptools.command.build_ext import build_ext
 
 CPU_SOURCES = ["csrc/fastavg_ops.cpp", "csrc/fastavg_cpu.cpp", "csrc/fastavg_eager.cpp"]
 CUDA_SOURCES = ["csrc/fastavg_cuda.cu", "csrc/fastavg_cuda_ops.cpp"]
-CXX_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-std=c++17"]
+# Floating-point contraction is pinned off in every backend: a * b + c rounds the product and the sum
+# separately, like the reference's torch ops, instead of fusing them where the instruction set has an FMA
+# (the AVX2/AVX-512 variants of the CPU kernels; every GPU). -ffp-contract=off for the C++ compiler,
+# --fmad=false for nvcc.
+CXX_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-std=c++17"]
+NVCC_FLAGS = ["-O3", "-std=c++17", "--fmad=false"]
 
 
 def _say(message):
@@ -52,7 +57,7 @@ def _extension_and_builder():
             "fastavg._C",
             CPU_SOURCES + CUDA_SOURCES,
             define_macros=[("FASTAVG_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": ["-O3", "-std=c++17"]},
+            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
             extra_link_args=["-fopenmp"],
         )
     else:

@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # Checks the CUDA backend without a GPU. Exits non-zero on any failure.
 #
-# 1. Compiles every csrc/*.cu with nvcc for sm_80 and sm_90 (+PTX), with torch's half/bfloat16 flags.
+# 1. Compiles every csrc/*.cu with nvcc for sm_80 and sm_90 (+PTX), with torch's half/bfloat16 flags and
+#    setup.py's --fmad=false (floating-point contraction off).
 # 2. From ptxas (-Xptxas -v): every step kernel of fastavg_cuda.cu is there for both architectures and none
 #    spills registers (no local-memory spill stores or loads).
-# 3. From the SASS (cuobjdump -sass): the vector path compiles to 128-bit global loads and stores
-#    (LDG.E.128 / STG.E.128): in every step kernel, and in the AdamW + EMA kernels (fp32, bf16, fp16) for
-#    every buffer of a pack; no kernel uses generic (LD/ST) or local (LDL/STL) memory accesses.
-# 4. Runs the kernel's per-row work (step_row, __host__ __device__) on the CPU, lane by lane, over a table
-#    of aligned and misaligned rows, against a plain element loop over the same rules: bit-identical
-#    buffers, gaps untouched, and each row on the path (vector or scalar) its alignment calls for.
+# 3. From the SASS (cuobjdump -sass) and the PTX (kept by nvcc --keep): the vector path compiles to 128-bit
+#    global loads and stores (LDG.E.128 / STG.E.128): in every step kernel, and in the AdamW + EMA kernels
+#    (fp32, bf16, fp16) for every buffer of a pack; no kernel uses generic (LD/ST) or local (LDL/STL) memory
+#    accesses; no contraction: no fp32 fma and only explicitly rounded add/sub/mul in the PTX, no FFMA in the
+#    SASS outside the division and square root sequences.
+# 4. Runs the CUDA kernels on the CPU (.ci/cuda_emulation/run.sh): fastavg_cuda.cu compiled as host C++
+#    against an emulation of the CUDA language and runtime, the op matrix bit for bit against a scalar loop
+#    over the same rules, under several thread orders and grids, plain and with ASan + UBSan, and a mutation
+#    self-test that shows the harness catches injected bugs.
 # 5. Syntax-checks the CUDA op registration (csrc/fastavg_cuda_ops.cpp) with g++ against torch's headers.
 #
 # Without nvcc it fails with a message, unless FASTAVG_SKIP_CUDA_CHECK=1. cuobjdump is taken from
@@ -77,14 +81,18 @@ fi
 # switched off; so does this check, so that code relying on them fails here rather than in setup.py.
 torch_nvcc_flags=(-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__
   -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr)
+# setup.py's own nvcc flags (NVCC_FLAGS): contraction off.
+setup_nvcc_flags=(--fmad=false)
 
 # 1. Compile, keeping the objects and ptxas's report of each kernel.
 for source in "${cuda_sources[@]}"; do
   name="$(basename "$source" .cu)"
-  echo "check_cuda: $NVCC -std=c++17 -O3 ... -gencode sm_80 -gencode sm_90+PTX -Xptxas -v -c $source"
-  if "$NVCC" -std=c++17 -O3 "${torch_nvcc_flags[@]}" -Icsrc \
+  echo "check_cuda: $NVCC -std=c++17 -O3 --fmad=false ... -gencode sm_80 -gencode sm_90+PTX -Xptxas -v -c $source"
+  mkdir -p "$work/keep/$name"
+  if "$NVCC" -std=c++17 -O3 "${setup_nvcc_flags[@]}" "${torch_nvcc_flags[@]}" -Icsrc \
     -gencode arch=compute_80,code=sm_80 \
     -gencode 'arch=compute_90,code=[sm_90,compute_90]' \
+    --keep --keep-dir "$work/keep/$name" \
     -Xptxas -v -c "$source" -o "$work/$name.o" 2>"$work/$name.log"; then
     # Anything but ptxas's per-kernel report (warnings) is shown.
     grep -v -e '^ptxas info' -e 'bytes stack frame' "$work/$name.log" || true
@@ -118,23 +126,27 @@ if [[ -f "$kernel_object" ]]; then
       fi
     done
   fi
-  if ! "$PYTHON" .ci/cuda_sass_check.py "$work/fastavg_cuda.log" "${sass_files[@]}"; then
-    fail "ptxas report / SASS expectations (see above)"
+  ptx_files=()
+  for ptx in "$work/keep/fastavg_cuda"/*.ptx; do ptx_files+=("ptx=$ptx"); done
+  if [[ ${#ptx_files[@]} -eq 0 ]]; then
+    fail "nvcc --keep left no PTX of fastavg_cuda.cu to inspect"
+  fi
+  if ! "$PYTHON" .ci/cuda_sass_check.py "$work/fastavg_cuda.log" "${sass_files[@]}" "${ptx_files[@]}"; then
+    fail "ptxas report / PTX / SASS expectations (see above)"
   fi
 else
   fail "no csrc/fastavg_cuda.cu object to inspect"
 fi
 elapsed
 
-# 4. The per-row work on the CPU. The device side is only compiled to PTX, unoptimized: it is not what
-# this step checks (1-3 did), and that keeps the step short.
-echo "check_cuda: row emulation: $NVCC ... -Icsrc .ci/cuda_row_emulation.cu && run it"
-if "$NVCC" -std=c++17 -O1 "${torch_nvcc_flags[@]}" -Icsrc -gencode arch=compute_80,code=compute_80 -Xcicc -O0 \
-  -Xcompiler -ffp-contract=off,-Wall,-Wno-unknown-pragmas .ci/cuda_row_emulation.cu -o "$work/row_emulation"; then
-  run "$work/row_emulation"
-else
-  fail "compiling the row emulation"
-fi
+# 4. The kernels on the CPU, with the toolkit's headers as nvcc finds them.
+cuda_include=""
+for ((i = 1; i < ${#cuda_include_flags[@]}; i += 2)); do
+  if [[ -z "$cuda_include" && -f "${cuda_include_flags[i]}/cuda_bf16.h" ]]; then
+    cuda_include="${cuda_include_flags[i]}"
+  fi
+done
+CUDA_INCLUDE="$cuda_include" PYTHON="$PYTHON" run bash .ci/cuda_emulation/run.sh
 elapsed
 
 # 5. The registration.
@@ -155,4 +167,5 @@ if [[ $failures -ne 0 ]]; then
   exit 1
 fi
 echo "check_cuda: OK in $((SECONDS - started)) s (${#cuda_sources[@]} .cu file(s) for sm_80 and sm_90+PTX; no spills;" \
-  "128-bit global accesses; row emulation; csrc/fastavg_cuda_ops.cpp syntax)"
+  "128-bit global accesses; no contraction; kernels run on the CPU, sanitized and mutation-tested;" \
+  "csrc/fastavg_cuda_ops.cpp syntax)"

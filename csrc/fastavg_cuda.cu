@@ -11,8 +11,9 @@
 // each pack once.
 //
 // This file is torch-free: the registration (fastavg_cuda_ops.cpp) hands over raw pointers and the
-// stream, so that it compiles with nvcc alone (CI compile-checks it without a CUDA build of torch). The
-// work on one row (step_row) is __host__ __device__, so that .ci/check_cuda.sh can also run it on the CPU.
+// stream, so that it compiles with nvcc alone (CI compile-checks it without a CUDA build of torch). CI also
+// compiles it as host C++ against the CUDA emulation of .ci/cuda_emulation/ and runs the kernels on the CPU:
+// hence the launch macro below, and nothing here may assume nvcc beyond what that emulation provides.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -26,6 +27,12 @@
 #include "fastavg_step.h"
 
 #define FASTAVG_CUDA_HD __host__ __device__ __forceinline__
+
+// kernel<<<grid, block, 0, stream>>>(arguments...), written FASTAVG_CUDA_LAUNCH(kernel, grid, block,
+// stream)(arguments...) so that the CPU emulation (.ci/cuda_emulation/cuda_emulation.h) can run it.
+#ifndef FASTAVG_CUDA_LAUNCH
+#define FASTAVG_CUDA_LAUNCH(kernel, grid, block, stream) kernel<<<grid, block, 0, stream>>>
+#endif
 
 namespace fastavg {
 namespace {
@@ -75,10 +82,11 @@ struct alignas(N * sizeof(T) >= kVectorBytes ? kVectorBytes : alignof(T)) Pack {
 
 // Every buffer is a tensor in global memory. Telling the compiler so at each access turns it into a
 // global one (LDG/STG): for the addresses that come from the table, which it reads from memory, it could
-// not infer that and would emit generic accesses (LD/ST).
+// not infer that and would emit generic accesses (LD/ST). The CPU emulation checks the same claim at every
+// access, and records each access's width (a pack's), which shows the path each row takes.
 template <typename T>
 FASTAVG_CUDA_HD T* assume_global(T* pointer) {
-#ifdef __CUDA_ARCH__
+#if defined(__CUDA_ARCH__) || defined(CUDA_EMULATION)
   __builtin_assume(__isGlobal(pointer));
 #endif
   return pointer;
@@ -86,12 +94,12 @@ FASTAVG_CUDA_HD T* assume_global(T* pointer) {
 
 template <int N, typename T>
 FASTAVG_CUDA_HD Pack<T, N> load(const T* buffer, int64_t first) {
-  return *reinterpret_cast<const Pack<T, N>*>(assume_global(buffer + first));
+  return *assume_global(reinterpret_cast<const Pack<T, N>*>(buffer + first));
 }
 
 template <int N, typename T>
 FASTAVG_CUDA_HD void store(T* buffer, int64_t first, const Pack<T, N>& pack) {
-  *reinterpret_cast<Pack<T, N>*>(assume_global(buffer + first)) = pack;
+  *assume_global(reinterpret_cast<Pack<T, N>*>(buffer + first)) = pack;
 }
 
 // One row of the table with its pointers typed: element j is param[j], grad[j] and element offset + j of
@@ -360,8 +368,9 @@ void launch(const StepBuffers& b, const StepConfig& c, cudaStream_t stream) {
   static std::atomic<int64_t> resident_blocks_cache[kMaxCachedDevices];  // zero (not yet queried): static storage
   // The number of rows is all the host knows of the table (which is in device memory): one block per row,
   // up to one wave of resident blocks, which then stride over the rows.
-  const int64_t blocks = std::min(b.num_segments, resident_blocks(step_kernel<O, R, T>, resident_blocks_cache));
-  step_kernel<O, R, T><<<static_cast<unsigned int>(blocks), kThreadsPerBlock, 0, stream>>>(b, c);
+  const auto kernel = step_kernel<O, R, T>;
+  const int64_t blocks = std::min(b.num_segments, resident_blocks(kernel, resident_blocks_cache));
+  FASTAVG_CUDA_LAUNCH(kernel, static_cast<unsigned int>(blocks), kThreadsPerBlock, stream)(b, c);
   check(cudaGetLastError(), "launching the step kernel failed");
 }
 

@@ -7,24 +7,37 @@ and are defined with ``torch.library.triton_op``, so ``torch.compile`` traces in
 ``_step_kernel`` runs one program per table row (a segment of at most ``_segments.ROW_NUMEL`` elements). A
 program reads its row (param address, grad address, numel, offset), turns the addresses into pointers of the
 parameter dtype (a ``tl.constexpr``) and the flat state buffers' base pointers into ``base + offset``, then
-walks the row in ``BLOCK``-sized pieces: every full block unmasked, then at most one masked tail block, both
-through ``_step_block``, which mirrors ``step_kernel`` in csrc/fastavg_cpu_kernel.inc: it reads every buffer once
-and writes it once, running the element-wise rules below (the reference's names and order of operations)
-behind ``tl.constexpr`` switches.
+walks the row in ``BLOCK``-sized pieces through ``_blocks``: the full blocks of an aligned row unmasked, then the
+rest of the row masked, each block through ``_step_block``, which mirrors ``step_kernel`` in
+csrc/fastavg_cpu_kernel.inc: it reads every buffer once and writes it once, running the element-wise rules below
+(the reference's names and order of operations) behind ``tl.constexpr`` switches.
 
 Vector accesses: a mask against a numel read from memory makes every access scalar, hence the unmasked full
 blocks; and a pointer made from an integer is only known to be 16-byte aligned through ``tl.multiple_of`` on
 the pointer itself. Rows are not all aligned (a parameter may be a view with a storage offset), and a wrong
 hint faults on a GPU, so each program checks at run time whether every address it will use (param, grad and
-each ``base + offset``) is 16-byte aligned, and takes the hinted path (``_row(..., ALIGNED=True)``) only then;
-other rows take the same code without hints. tests/test_triton_compile.py checks the compiled PTX.
+each ``base + offset``) is 16-byte aligned: if so, its full blocks take the hinted path (``_blocks(...,
+ALIGNED=True)``), 16-byte vector accesses; the tail of the row, or the whole of a row that is not aligned, takes
+the masked path without hints (scalar accesses, as rows of 128 elements so that loads and stores share one
+layout). tests/test_triton_compile.py and .ci/triton_aot.py check the compiled code.
 
 Only the structure of a step is a compile-time constant (the parameter dtype, which optimizer, which averaging
 rule, which buffers exist, the block size); lr, step and the averaging weights are read from device memory and
-every other hyperparameter is a runtime argument, so changing them never recompiles and a step can be captured
-in a CUDA graph. Parameters and gradients reach the kernel only through the table's addresses, not as kernel
-arguments: ``torch.compile``, which traces into the kernel rather than the op, sees the writes to the state and
-average buffers but not those to the parameters.
+every other hyperparameter is a runtime argument (the optimizer's flags as int 0/1, unspecialized), so changing
+them never recompiles and a step can be captured in a CUDA graph. Parameters and gradients reach the kernel only
+through the table's addresses, not as kernel arguments: ``torch.compile``, which traces into the kernel rather
+than the op, sees the writes to the state and average buffers but not those to the parameters.
+
+Floating-point contraction is off: every launch passes ``enable_fp_fusion=False`` (``_LAUNCH_OPTIONS``), so each
+multiply and each add of the rules is rounded on its own (``mul.rn.f32``/``add.rn.f32`` in the PTX, which ptxas
+never fuses, and ptxas runs with ``--fmad=false``), as the reference's torch ops round them and as the C++ and CUDA
+kernels are built (``-ffp-contract=off``, ``--fmad=false``). Triton itself contracts a*b+c into an FMA unless told
+not to (the default up to 3.9, which warns that 3.10 will not). With contraction off, a compiled kernel performs the
+same fp32 operations in the same order as Triton's interpreter (which never contracts), so the interpreter tests see
+the GPU's rounding; what remains is libdevice's float64 ``exp2`` for Adam's bias corrections (once per program). The
+option reaches the launches fastavg makes; under ``torch.compile``, Inductor launches the kernel with options of its
+own and torch 2.13 does not forward this one, so a compiled step contracts on Triton < 3.10 unless
+``TRITON_DEFAULT_FP_FUSION=0`` is set. .ci/triton_aot.py compiles with the option and asserts the PTX has no FMA.
 
 With ``TRITON_INTERPRET=1`` set before Triton is imported, the kernels run on CPU tensors in Triton's
 interpreter (which dereferences the table's addresses in host memory); that is how CI without a GPU tests them.
@@ -52,10 +65,16 @@ _NO_OPTIMIZER = tl.constexpr(0)
 _SGD_TORCH = tl.constexpr(1)
 _SGD_HEAVY_BALL = tl.constexpr(2)
 _ADAM = tl.constexpr(3)
+# The masked blocks' rows: one element per thread of Triton's default 4 warps.
+_MASKED_COLUMNS = tl.constexpr(128)
 
 _RULE_EMA = tl.constexpr(RULE_EMA)
 _RULE_BELAY = tl.constexpr(RULE_BELAY)
 _RULE_LAWA = tl.constexpr(RULE_LAWA)
+
+# The optimizer's flags choose a branch, not the kernel's structure: int 0/1 runtime arguments, unspecialized (Triton
+# would otherwise compile another kernel when one is 1). Not bool: Triton 3.7's interpreter rejects bool arguments.
+_FLAGS = ["nesterov", "maximize", "decoupled_weight_decay"]
 
 
 # --- element-wise rules (fp32 values in, fp32 values out) -------------------------------------------
@@ -71,13 +90,13 @@ def sgd_torch_rule(param, grad, momentum_buffer, lr, momentum, one_minus_dampeni
                    maximize, first_step, HAS_MOMENTUM_BUFFER: tl.constexpr):
     """torch.optim.SGD: d = ±g + λθ; b ← d on the first step, else μb + (1−τ)d; θ ← θ − η(d + μb | b)."""
     d = grad
-    if maximize:
+    if maximize != 0:
         d = -d
     if weight_decay != 0.0:
         d = d + weight_decay * param
     if HAS_MOMENTUM_BUFFER:
         momentum_buffer = tl.where(first_step, d, momentum * momentum_buffer + one_minus_dampening * d)
-        if nesterov:
+        if nesterov != 0:
             d = d + momentum * momentum_buffer
         else:
             d = momentum_buffer
@@ -89,13 +108,13 @@ def sgd_heavy_ball_rule(param, grad, velocity, lr, momentum, weight_decay, neste
                         HAS_VELOCITY: tl.constexpr):
     """Polyak's heavy ball, η inside the velocity: v ← μv − η(±g + λθ); θ ← θ + v (nesterov: θ + μv − η(…))."""
     d = grad
-    if maximize:
+    if maximize != 0:
         d = -d
     if weight_decay != 0.0:
         d = d + weight_decay * param
     if HAS_VELOCITY:
         velocity = momentum * velocity - lr * d
-        if nesterov:
+        if nesterov != 0:
             param = param + momentum * velocity - lr * d
         else:
             param = param + velocity
@@ -111,10 +130,10 @@ def adam_rule(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, decoupled_decay,
     """torch.optim.Adam (L2) / AdamW (decoupled), in torch's order; step_size = lr / (1 − β₁ᵗ),
     decoupled_decay = 1 − lr·λ."""
     g = grad
-    if maximize:
+    if maximize != 0:
         g = -g
     if weight_decay != 0.0:
-        if decoupled_weight_decay:
+        if decoupled_weight_decay != 0:
             param = param * decoupled_decay
         else:
             g = g + weight_decay * param
@@ -292,19 +311,20 @@ def _or_address(addresses, base, offset):
 
 
 @triton.jit
-def _row(param_address, grad_address, numel, offset, state_0_ptr, state_1_ptr, state_2_ptr,
-         average_0_ptr, average_1_ptr, average_2_ptr, average_3_ptr,
-         average_4_ptr, average_5_ptr, average_6_ptr, average_7_ptr,
-         average_velocity_ptr, lawa_sum_ptr, lawa_ring_slot_ptr,
-         lr, first_step, step_size, bias_correction2_sqrt, decoupled_decay,
-         weight_0, weight_1, weight_2, weight_3, weight_4, weight_5, weight_6, weight_7,
-         momentum, one_minus_dampening, weight_decay, beta2, one_minus_beta1, one_minus_beta2, eps,
-         reaction, inertia, nesterov, maximize, decoupled_weight_decay,
-         DTYPE: tl.constexpr, OPTIMIZER: tl.constexpr, HAS_MOMENTUM_BUFFER: tl.constexpr,
-         AMSGRAD: tl.constexpr, AVERAGE_RULE: tl.constexpr, NUM_AVERAGES: tl.constexpr,
-         HAS_VELOCITY: tl.constexpr, SWITCH: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    """One table row: its full blocks unmasked, then its tail (if any) masked. ``ALIGNED``: every pointer of the
-    row is 16-byte aligned (checked by the caller), so the unmasked blocks compile to 16-byte vector accesses."""
+def _blocks(start, end, param_address, grad_address, offset, state_0_ptr, state_1_ptr, state_2_ptr,
+            average_0_ptr, average_1_ptr, average_2_ptr, average_3_ptr,
+            average_4_ptr, average_5_ptr, average_6_ptr, average_7_ptr,
+            average_velocity_ptr, lawa_sum_ptr, lawa_ring_slot_ptr,
+            lr, first_step, step_size, bias_correction2_sqrt, decoupled_decay,
+            weight_0, weight_1, weight_2, weight_3, weight_4, weight_5, weight_6, weight_7,
+            momentum, one_minus_dampening, weight_decay, beta2, one_minus_beta1, one_minus_beta2, eps,
+            reaction, inertia, nesterov, maximize, decoupled_weight_decay,
+            DTYPE: tl.constexpr, OPTIMIZER: tl.constexpr, HAS_MOMENTUM_BUFFER: tl.constexpr,
+            AMSGRAD: tl.constexpr, AVERAGE_RULE: tl.constexpr, NUM_AVERAGES: tl.constexpr,
+            HAS_VELOCITY: tl.constexpr, SWITCH: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """Elements ``start`` to ``end`` of a row, in ``BLOCK``-sized blocks. ``ALIGNED``: every pointer of the row is
+    16-byte aligned (checked by the caller) and ``end - start`` a multiple of ``BLOCK``, so the blocks are unmasked
+    and compile to 16-byte vector accesses; otherwise each block is masked against ``end`` (scalar accesses)."""
     param_ptr = _address_pointer(param_address, DTYPE, ALIGNED)
     grad_ptr = None
     if OPTIMIZER != _NO_OPTIMIZER:
@@ -324,23 +344,21 @@ def _row(param_address, grad_address, numel, offset, state_0_ptr, state_1_ptr, s
     lawa_sum_ptr = _row_pointer(lawa_sum_ptr, offset, ALIGNED)
     lawa_ring_slot_ptr = _row_pointer(lawa_ring_slot_ptr, offset, ALIGNED)
 
-    full = numel - numel % BLOCK
-    for start in range(0, full, BLOCK):
+    for block_start in range(start, end, BLOCK):
+        if ALIGNED:
+            index = block_start + tl.arange(0, BLOCK)
+            mask = None
+        else:
+            # Masked blocks as rows of _MASKED_COLUMNS elements. In one dimension, they would load in the layout of the
+            # aligned blocks (several elements per thread) but store in their own (one per thread: a store is never
+            # wider than its vector), and every value would cross shared memory between the two.
+            index = (block_start + tl.arange(0, BLOCK // _MASKED_COLUMNS)[:, None] * _MASKED_COLUMNS
+                     + tl.arange(0, _MASKED_COLUMNS)[None, :])
+            mask = index < end
         _step_block(param_ptr, grad_ptr, state_0_ptr, state_1_ptr, state_2_ptr,
                     average_0_ptr, average_1_ptr, average_2_ptr, average_3_ptr,
                     average_4_ptr, average_5_ptr, average_6_ptr, average_7_ptr,
-                    average_velocity_ptr, lawa_sum_ptr, lawa_ring_slot_ptr, start + tl.arange(0, BLOCK), None,
-                    lr, first_step, step_size, bias_correction2_sqrt, decoupled_decay,
-                    weight_0, weight_1, weight_2, weight_3, weight_4, weight_5, weight_6, weight_7,
-                    momentum, one_minus_dampening, weight_decay, beta2, one_minus_beta1, one_minus_beta2, eps,
-                    reaction, inertia, nesterov, maximize, decoupled_weight_decay,
-                    DTYPE, OPTIMIZER, HAS_MOMENTUM_BUFFER, AMSGRAD, AVERAGE_RULE, NUM_AVERAGES, HAS_VELOCITY, SWITCH)
-    if full < numel:
-        index = full + tl.arange(0, BLOCK)
-        _step_block(param_ptr, grad_ptr, state_0_ptr, state_1_ptr, state_2_ptr,
-                    average_0_ptr, average_1_ptr, average_2_ptr, average_3_ptr,
-                    average_4_ptr, average_5_ptr, average_6_ptr, average_7_ptr,
-                    average_velocity_ptr, lawa_sum_ptr, lawa_ring_slot_ptr, index, index < numel,
+                    average_velocity_ptr, lawa_sum_ptr, lawa_ring_slot_ptr, index, mask,
                     lr, first_step, step_size, bias_correction2_sqrt, decoupled_decay,
                     weight_0, weight_1, weight_2, weight_3, weight_4, weight_5, weight_6, weight_7,
                     momentum, one_minus_dampening, weight_decay, beta2, one_minus_beta1, one_minus_beta2, eps,
@@ -348,7 +366,7 @@ def _row(param_address, grad_address, numel, offset, state_0_ptr, state_1_ptr, s
                     DTYPE, OPTIMIZER, HAS_MOMENTUM_BUFFER, AMSGRAD, AVERAGE_RULE, NUM_AVERAGES, HAS_VELOCITY, SWITCH)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_FLAGS)
 def _step_kernel(segments_ptr, state_0_ptr, state_1_ptr, state_2_ptr,
                  average_0_ptr, average_1_ptr, average_2_ptr, average_3_ptr,
                  average_4_ptr, average_5_ptr, average_6_ptr, average_7_ptr,
@@ -425,8 +443,7 @@ def _step_kernel(segments_ptr, state_0_ptr, state_1_ptr, state_2_ptr,
         if NUM_AVERAGES > 7:
             weight_7 = tl.load(average_weights_ptr + 7)
 
-    # The hinted path only where every address of the row is 16-byte aligned (a uniform branch): a view with a
-    # storage offset, or a buffer whose base or offset is not aligned, takes the same code without hints.
+    # The bits that decide whether a row is 16-byte aligned.
     addresses = param_address | grad_address  # grad_address is 0 for average_
     addresses = _or_address(addresses, state_0_ptr, offset)
     addresses = _or_address(addresses, state_1_ptr, offset)
@@ -442,28 +459,32 @@ def _step_kernel(segments_ptr, state_0_ptr, state_1_ptr, state_2_ptr,
     addresses = _or_address(addresses, average_velocity_ptr, offset)
     addresses = _or_address(addresses, lawa_sum_ptr, offset)
     addresses = _or_address(addresses, lawa_ring_slot_ptr, offset)
+    # Full blocks on the hinted path only where every address of the row is 16-byte aligned; the rest of the row
+    # (its tail, or the whole row where an address is not aligned: a view with a storage offset, a buffer whose
+    # base or offset is not aligned) in masked blocks without hints.
+    full = 0
     if (addresses & 15) == 0:
-        _row(param_address, grad_address, numel, offset, state_0_ptr, state_1_ptr, state_2_ptr,
-             average_0_ptr, average_1_ptr, average_2_ptr, average_3_ptr,
-             average_4_ptr, average_5_ptr, average_6_ptr, average_7_ptr,
-             average_velocity_ptr, lawa_sum_ptr, lawa_ring_slot_ptr,
-             lr, first_step, step_size, bias_correction2_sqrt, decoupled_decay,
-             weight_0, weight_1, weight_2, weight_3, weight_4, weight_5, weight_6, weight_7,
-             momentum, one_minus_dampening, weight_decay, beta2, one_minus_beta1, one_minus_beta2, eps,
-             reaction, inertia, nesterov, maximize, decoupled_weight_decay,
-             DTYPE, OPTIMIZER, HAS_MOMENTUM_BUFFER, AMSGRAD, AVERAGE_RULE, NUM_AVERAGES, HAS_VELOCITY, SWITCH,
-             True, BLOCK)
-    else:
-        _row(param_address, grad_address, numel, offset, state_0_ptr, state_1_ptr, state_2_ptr,
-             average_0_ptr, average_1_ptr, average_2_ptr, average_3_ptr,
-             average_4_ptr, average_5_ptr, average_6_ptr, average_7_ptr,
-             average_velocity_ptr, lawa_sum_ptr, lawa_ring_slot_ptr,
-             lr, first_step, step_size, bias_correction2_sqrt, decoupled_decay,
-             weight_0, weight_1, weight_2, weight_3, weight_4, weight_5, weight_6, weight_7,
-             momentum, one_minus_dampening, weight_decay, beta2, one_minus_beta1, one_minus_beta2, eps,
-             reaction, inertia, nesterov, maximize, decoupled_weight_decay,
-             DTYPE, OPTIMIZER, HAS_MOMENTUM_BUFFER, AMSGRAD, AVERAGE_RULE, NUM_AVERAGES, HAS_VELOCITY, SWITCH,
-             False, BLOCK)
+        full = numel - numel % BLOCK
+    _blocks(0, full, param_address, grad_address, offset, state_0_ptr, state_1_ptr, state_2_ptr,
+            average_0_ptr, average_1_ptr, average_2_ptr, average_3_ptr,
+            average_4_ptr, average_5_ptr, average_6_ptr, average_7_ptr,
+            average_velocity_ptr, lawa_sum_ptr, lawa_ring_slot_ptr,
+            lr, first_step, step_size, bias_correction2_sqrt, decoupled_decay,
+            weight_0, weight_1, weight_2, weight_3, weight_4, weight_5, weight_6, weight_7,
+            momentum, one_minus_dampening, weight_decay, beta2, one_minus_beta1, one_minus_beta2, eps,
+            reaction, inertia, nesterov, maximize, decoupled_weight_decay,
+            DTYPE, OPTIMIZER, HAS_MOMENTUM_BUFFER, AMSGRAD, AVERAGE_RULE, NUM_AVERAGES, HAS_VELOCITY, SWITCH,
+            True, BLOCK)
+    _blocks(full, numel, param_address, grad_address, offset, state_0_ptr, state_1_ptr, state_2_ptr,
+            average_0_ptr, average_1_ptr, average_2_ptr, average_3_ptr,
+            average_4_ptr, average_5_ptr, average_6_ptr, average_7_ptr,
+            average_velocity_ptr, lawa_sum_ptr, lawa_ring_slot_ptr,
+            lr, first_step, step_size, bias_correction2_sqrt, decoupled_decay,
+            weight_0, weight_1, weight_2, weight_3, weight_4, weight_5, weight_6, weight_7,
+            momentum, one_minus_dampening, weight_decay, beta2, one_minus_beta1, one_minus_beta2, eps,
+            reaction, inertia, nesterov, maximize, decoupled_weight_decay,
+            DTYPE, OPTIMIZER, HAS_MOMENTUM_BUFFER, AMSGRAD, AVERAGE_RULE, NUM_AVERAGES, HAS_VELOCITY, SWITCH,
+            False, BLOCK)
 
 
 # --- the ops ----------------------------------------------------------------------------------------
@@ -472,6 +493,9 @@ _INTERPRETER_HINT = ("to run the Triton kernels on CPU tensors in Triton's inter
                      "before fastavg first looks for its backends (the first optimizer built or "
                      "fastavg.backend_status() call): Triton picks the interpreter when it defines the kernels")
 _BLOCK = 1024
+# Compile options of every launch (the interpreter ignores them). No floating-point contraction: see the module
+# docstring.
+_LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -585,7 +609,7 @@ _UNUSED_ARGS = dict(
     momentum=0.0, one_minus_dampening=1.0, weight_decay=0.0, log2_beta1=0.0, log2_beta2=0.0, beta2=0.0,
     one_minus_beta1=1.0,
     one_minus_beta2=1.0, eps=0.0, reaction=0.0, inertia=0.0,
-    nesterov=False, maximize=False, decoupled_weight_decay=False, HAS_MOMENTUM_BUFFER=False, AMSGRAD=False,
+    nesterov=0, maximize=0, decoupled_weight_decay=0, HAS_MOMENTUM_BUFFER=False, AMSGRAD=False,
     NUM_AVERAGES=0, HAS_VELOCITY=False,
 )
 
@@ -596,7 +620,7 @@ def _launch(params: list[torch.Tensor], segments: torch.Tensor, **args) -> None:
     if rows == 0:
         return
     wrap_triton(_step_kernel)[(rows,)](**{**_UNUSED_ARGS, **args, "segments_ptr": segments,
-                                          "DTYPE": _TL_DTYPES[params[0].dtype], "BLOCK": _BLOCK})
+                                          "DTYPE": _TL_DTYPES[params[0].dtype], "BLOCK": _BLOCK}, **_LAUNCH_OPTIONS)
 
 
 def _log2(beta: float) -> float:
@@ -623,8 +647,8 @@ def _adam_step_(params: list[torch.Tensor], grads: list[torch.Tensor], segments:
             step_ptr=step, log2_beta1=_log2(beta1), log2_beta2=_log2(beta2), beta2=beta2,
             one_minus_beta1=1.0 - beta1, one_minus_beta2=1.0 - beta2,
             eps=eps, weight_decay=weight_decay,
-            decoupled_weight_decay=decoupled_weight_decay, AMSGRAD=amsgrad, maximize=maximize, reaction=reaction,
-            inertia=inertia, **averaging)
+            decoupled_weight_decay=int(decoupled_weight_decay), AMSGRAD=amsgrad, maximize=int(maximize),
+            reaction=reaction, inertia=inertia, **averaging)
 
 
 def _sgd_step_(params: list[torch.Tensor], grads: list[torch.Tensor], segments: torch.Tensor,
@@ -645,7 +669,7 @@ def _sgd_step_(params: list[torch.Tensor], grads: list[torch.Tensor], segments: 
     _launch(params, segments, OPTIMIZER=(_SGD_HEAVY_BALL if heavy_ball else _SGD_TORCH).value,
             state_0_ptr=optimizer_state[0] if optimizer_state else None, HAS_MOMENTUM_BUFFER=bool(optimizer_state),
             lr_ptr=lr, step_ptr=step, momentum=momentum, one_minus_dampening=1.0 - dampening, weight_decay=weight_decay,
-            nesterov=nesterov, maximize=maximize, reaction=reaction, inertia=inertia, **averaging)
+            nesterov=int(nesterov), maximize=int(maximize), reaction=reaction, inertia=inertia, **averaging)
 
 
 def _average_(params: list[torch.Tensor], segments: torch.Tensor, average_state: list[torch.Tensor],

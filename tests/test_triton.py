@@ -324,6 +324,33 @@ def test_ops_check_their_arguments():
                         False)
 
 
+@pytest.mark.parametrize("optimizer", ["sgd_nesterov_maximize", "adam_l2_amsgrad_maximize", "adamw", None])
+def test_launches_pin_contraction_and_pass_flags_as_ints(optimizer, monkeypatch):
+    """Every launch turns floating-point contraction off (the interpreter ignores the option: only a compiled kernel
+    would contract), and passes the optimizer's flags as int 0/1: Triton 3.7's interpreter rejects bool kernel
+    arguments, and ints the kernel does not specialize on keep one compiled kernel for either value."""
+    launches = []
+
+    class Capture:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda **kwargs: launches.append(kwargs)
+
+    monkeypatch.setattr(_triton, "wrap_triton", Capture)
+    b, _ = _make_buffers(OPTIMIZERS[optimizer] if optimizer else None, AVERAGES["ema"], MIXED[:2], torch.float32)
+    lr, step, weights = (torch.ones(1, device=DEVICE) for _ in range(3))
+    _call(TRITON, OPTIMIZERS[optimizer] if optimizer else None, AVERAGES["ema"], b, lr, step, weights)
+    assert len(launches) == 1
+    assert launches[0]["enable_fp_fusion"] is False
+    for flag in _triton._FLAGS:
+        assert type(launches[0][flag]) is int and launches[0][flag] in (0, 1), flag
+    if optimizer:
+        expected = {k: int(OPTIMIZERS[optimizer].get(k, False)) for k in _triton._FLAGS}
+        assert {k: launches[0][k] for k in _triton._FLAGS} == expected
+
+
 def _arguments(schema):
     # triton_op writes Python's int as SymInt where TORCH_LIBRARY's schema says int.
     return [(a.name, str(a.type).replace("SymInt", "int"), a.alias_info is not None and a.alias_info.is_write)

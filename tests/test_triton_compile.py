@@ -1,14 +1,15 @@
 """The Triton kernel compiled for a GPU (sm_90) without one: the PTX has the paths the kernel is designed around.
 
-The interpreter that runs the Triton tests on CPU ignores ``tl.multiple_of`` hints and vector widths, so only the
-compiled code shows whether a row's full blocks get 16-byte vector accesses on the aligned path (the reason for
-the unmasked blocks and the pointer hints) and whether the unaligned path and the masked tail stay scalar (a
-hinted misaligned vector access faults on a GPU). Triton's own compiler (``triton.compile`` for
-``GPUTarget("cuda", 90, 32)``, ptxas included) builds the real ``_step_kernel`` for a few specializations, with
-the arguments the ops themselves pass: each op runs on meta tensors with the launch captured.
+The interpreter that runs the Triton tests on CPU ignores ``tl.multiple_of`` hints, vector widths and compile options,
+so only the compiled code shows whether a row's full blocks get 16-byte vector accesses on the aligned path (the
+reason for the unmasked blocks and the pointer hints), whether the masked path stays scalar (a hinted misaligned
+vector access faults on a GPU) and whether the arithmetic is free of contraction. .ci/triton_aot.py compiles every
+specialization the ops can launch, for sm_80 and sm_90, with Triton's own compiler (ptxas included) through the real
+launch path, and checks each; CI runs it whole. Here it runs on five specializations for sm_90, and the tests below
+read its results and the code it compiled.
 
 conftest.py sets TRITON_INTERPRET=1 before anything imports Triton, which makes ``@triton.jit`` functions
-interpreted ones; the compilation therefore runs in a subprocess without it (this file, run as a script).
+interpreted ones; the script therefore runs in a subprocess without it.
 """
 import json
 import os
@@ -20,174 +21,110 @@ import pytest
 
 pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCH = 90
 
-# name: (op, dtype, the streams the full blocks load, the streams they store). A stream is a row pointer;
-# "param"/"grad"/"lawa_ring_slot" hold the parameter dtype, the rest fp32.
+# name: (the script's name of the kernel, the streams the aligned blocks load, the streams they store). A stream is
+# a row pointer; "param"/"grad"/"lawa_ring_slot" hold the parameter dtype, the rest fp32.
 SPECIALIZATIONS = {
-    "adamw_ema_fp32": ("adamw_ema", "float32", ["param", "grad", "exp_avg", "exp_avg_sq", "average"],
+    "adamw_ema_fp32": ("fp32/adam/emax1", ["param", "grad", "exp_avg", "exp_avg_sq", "average"],
                        ["param", "exp_avg", "exp_avg_sq", "average"]),
-    "adamw_ema_bf16": ("adamw_ema", "bfloat16", ["param", "grad", "exp_avg", "exp_avg_sq", "average"],
+    "adamw_ema_bf16": ("bf16/adam/emax1", ["param", "grad", "exp_avg", "exp_avg_sq", "average"],
                        ["param", "exp_avg", "exp_avg_sq", "average"]),
-    "sgd_momentum_ema_fp32": ("sgd_momentum_ema", "float32", ["param", "grad", "momentum_buffer", "average"],
+    "sgd_momentum_ema_fp32": ("fp32/sgd+mom/emax1", ["param", "grad", "momentum_buffer", "average"],
                               ["param", "momentum_buffer", "average"]),
-    "average_ema_fp32": ("average_ema", "float32", ["param", "average"], ["param", "average"]),
-    "average_lawa_bf16": ("average_lawa", "bfloat16", ["param", "lawa_sum", "lawa_ring_slot"],
+    "average_ema_fp32": ("fp32/none/emax1", ["param", "average"], ["param", "average"]),
+    "average_lawa_bf16": ("bf16/none/lawa", ["param", "lawa_sum", "lawa_ring_slot"],
                           ["param", "lawa_sum", "lawa_ring_slot"]),
 }
-PARAM_DTYPE_STREAMS = {"param", "grad", "lawa_ring_slot"}
-
-
-def _compile_all(names):
-    """In the subprocess: ``{name: {"ptx", "ttir", "num_warps", "block"}}``, or ``{"skip": why}``."""
-    import torch
-    import triton
-    from triton.backends.compiler import GPUTarget
-
-    from fastavg import _triton
-    from fastavg.averaging import RULE_EMA, RULE_LAWA
-
-    if not isinstance(_triton._step_kernel, triton.runtime.jit.JITFunction):
-        return {"error": "TRITON_INTERPRET is set: the kernel is an interpreted function"}
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
-        get_ptxas(ARCH).path
-    except Exception as error:  # no NVIDIA backend or no ptxas: nothing to compile with
-        return {"skip": f"Triton cannot compile for sm_{ARCH} here ({type(error).__name__}: {error})"}
-
-    meta = torch.device("meta")
-
-    def op_call(op, dtype):
-        """Runs ``op`` on meta tensors; returns the keyword arguments of the kernel launch it makes."""
-        dtype = getattr(torch, dtype)
-        params = [torch.empty(1000, dtype=dtype, device=meta)]
-        grads = [torch.empty(1000, dtype=dtype, device=meta)]
-        segments = torch.empty(1, 4, dtype=torch.int64, device=meta)
-        flat = [torch.empty(1024, device=meta) for _ in range(3)]
-        ring_slot = torch.empty(1024, dtype=dtype, device=meta)
-        lr, step, weights = (torch.empty(1, device=meta) for _ in range(3))
-        captured = {}
-
-        class Capture:
-            def __init__(self, kernel):
-                self.kernel = kernel
-
-            def __getitem__(self, grid):
-                return lambda **kwargs: captured.update(kernel=self.kernel, kwargs=kwargs)
-
-        wrap_triton, _triton.wrap_triton = _triton.wrap_triton, Capture
-        try:
-            if op == "adamw_ema":
-                _triton._adam_step_(params, grads, segments, flat[:2], flat[2:], lr, step, weights, 0.9, 0.999, 1e-8,
-                                    0.01, True, False, False, RULE_EMA, 0.0, 0.0, False)
-            elif op == "sgd_momentum_ema":
-                _triton._sgd_step_(params, grads, segments, flat[:1], flat[2:], lr, step, weights, 0.9, 0.0, 0.0,
-                                   False, False, False, RULE_EMA, 0.0, 0.0, False)
-            elif op == "average_ema":
-                _triton._average_(params, segments, flat[2:], weights, RULE_EMA, 0.0, 0.0, False)
-            elif op == "average_lawa":
-                _triton._average_(params, segments, [flat[2], ring_slot], weights, RULE_LAWA, 0.0, 0.0, False)
-        finally:
-            _triton.wrap_triton = wrap_triton
-        return captured["kernel"], captured["kwargs"]
-
-    type_names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64"}
-
-    def source(kernel, kwargs):
-        """The ASTSource the JIT would build for these arguments: tensors allocator-aligned (16 bytes)."""
-        signature, constexprs, attrs = {}, {}, {}
-        for i, param in enumerate(kernel.params):
-            name, value = param.name, kwargs[param.name]
-            if param.is_constexpr or value is None:
-                signature[name], constexprs[name] = "constexpr", value
-            elif isinstance(value, torch.Tensor):
-                signature[name] = "*" + type_names[value.dtype]
-                attrs[(i,)] = [["tt.divisibility", 16]]
-            elif isinstance(value, bool):
-                signature[name] = "i1"
-            elif isinstance(value, float):
-                signature[name] = "fp32"
-            else:
-                raise TypeError(f"{name}: unexpected kernel argument {value!r}")
-        return triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-
-    result = {}
-    for name in names:
-        op, dtype = SPECIALIZATIONS[name][:2]
-        kernel, kwargs = op_call(op, dtype)
-        compiled = triton.compile(source(kernel, kwargs), target=GPUTarget("cuda", ARCH, 32))
-        result[name] = {"ptx": compiled.asm["ptx"], "ttir": compiled.asm["ttir"],
-                        "num_warps": compiled.metadata.num_warps, "block": kwargs["BLOCK"]}
-    return result
+MASKED_COLUMNS = 128  # fastavg._triton._MASKED_COLUMNS
 
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
+    """``{name: the script's row for that kernel, with its PTX and TTIR}``."""
+    out = tmp_path_factory.mktemp("triton_aot") / "rows.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))  # compile for real, every run
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
-    run = subprocess.run([sys.executable, os.path.abspath(__file__), *SPECIALIZATIONS], env=env, cwd=root,
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, f"compiling the kernel failed:\n{run.stderr[-6000:]}"
-    result = json.loads(run.stdout)
-    if "skip" in result:
-        pytest.skip(result["skip"])
-    assert "error" not in result, result.get("error")
-    return result
+    env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
+    only = "^(" + "|".join(re.escape(kernel) for kernel, _, _ in SPECIALIZATIONS.values()) + ")$"
+    run = subprocess.run([sys.executable, os.path.join(ROOT, ".ci", "triton_aot.py"), "--arch", str(ARCH),
+                          "--only", only, "--json", str(out), "--asm"],
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if run.returncode == 2 and "CANNOT COMPILE" in run.stdout:
+        pytest.skip(run.stdout.strip())
+    rows = {row["name"]: row for row in json.loads(out.read_text())} if out.exists() else {}
+    assert rows, f"the AOT compile produced nothing:\n{run.stdout[-4000:]}\n{run.stderr[-4000:]}"
+    return {name: rows.get(kernel) for name, (kernel, _, _) in SPECIALIZATIONS.items()}, run
 
 
 def _count(pattern, text):
     return len(re.findall(pattern, text, flags=re.MULTILINE))
 
 
+def test_every_selected_kernel_compiles_and_passes_the_audit(compiled):
+    rows, run = compiled
+    assert all(rows.values()), f"kernels missing: {[n for n, r in rows.items() if not r]}\n{run.stdout[-4000:]}"
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-4000:]
+    for name, row in rows.items():
+        assert not row["violations"], f"{name}: {row['violations']}"
+
+
 @pytest.mark.parametrize("name", SPECIALIZATIONS)
 def test_aligned_full_blocks_use_16_byte_vector_accesses(compiled, name):
-    """Every stream of the aligned path's full blocks moves 16 bytes per access, and only that path does.
+    """Every stream of the aligned path's full blocks moves 16 bytes per access, at the minimum bytes per element.
 
     A block of BLOCK elements gives each of the 32·num_warps threads BLOCK / (32·num_warps) consecutive elements:
     as 16-byte ``v4.b32`` accesses, 2 per fp32 stream and 1 per bf16 stream for BLOCK 1024 and 4 warps. The
-    count is exact: more would mean a vectorized access outside the aligned path (a wrong hint), fewer a stream
-    that stayed scalar.
+    count is exact: more would mean a vectorized access outside the aligned path (a wrong hint) or a buffer read
+    twice, fewer a stream that stayed scalar.
     """
-    _, dtype, loads, stores = SPECIALIZATIONS[name]
-    ptx, block, warps = compiled[name]["ptx"], compiled[name]["block"], compiled[name]["num_warps"]
-    per_thread = block // (32 * warps)
+    row = compiled[0][name]
+    _, loads, stores = SPECIALIZATIONS[name]
+    dtype_bytes = 2 if name.endswith("bf16") else 4
+    per_thread = 1024 // (32 * row["num_warps"])
 
     def vectors(stream):
-        size = 2 if dtype == "bfloat16" and stream in PARAM_DTYPE_STREAMS else 4
-        assert per_thread * size % 16 == 0, "a thread's elements of a block must fill 16-byte accesses"
+        size = dtype_bytes if stream in ("param", "grad", "lawa_ring_slot") else 4
         return per_thread * size // 16
 
-    assert _count(r"^\s*ld\.global\.v4\.b32 ", ptx) == sum(vectors(s) for s in loads)
-    assert _count(r"^\s*st\.global\.v4\.b32 ", ptx) == sum(vectors(s) for s in stores)
+    ptx = row["asm"]["ptx"]
+    assert row["loads"] == _count(r"^\s*ld\.global\.v4\.b32 ", ptx) == sum(vectors(s) for s in loads)
+    assert row["stores"] == _count(r"^\s*st\.global\.v4\.b32 ", ptx) == sum(vectors(s) for s in stores)
+    assert row["bytes"] == row["minimum"] == sum(vectors(s) * 16 for s in loads + stores) / per_thread
     assert _count(r"@%p\d+ (ld|st)\.global\.v\d", ptx) == 0, "a masked access is vectorized"
 
 
 @pytest.mark.parametrize("name", SPECIALIZATIONS)
-def test_unaligned_full_blocks_and_tails_stay_scalar(compiled, name):
-    """The program still holds the plain path (unaligned rows' full blocks: unmasked scalar accesses, one per
-    element and stream) and the masked tail (predicated scalar accesses)."""
-    _, dtype, loads, stores = SPECIALIZATIONS[name]
-    ptx, block, warps = compiled[name]["ptx"], compiled[name]["block"], compiled[name]["num_warps"]
-    per_thread = block // (32 * warps)
-    assert _count(r"^\s*ld\.global\.b(16|32) ", ptx) >= per_thread * len(loads)
-    assert _count(r"^\s*st\.global\.b(16|32) ", ptx) >= per_thread * len(stores)
+def test_masked_path_stays_scalar(compiled, name):
+    """The program still holds the masked path (a row's tail, and every block of a row that is not 16-byte aligned):
+    predicated scalar accesses, one per element a thread holds and stream. The audit checks that none of its values
+    cross shared memory (loads and stores in one layout); a bf16 kernel's aligned path does, between the 8 bf16 and
+    the 4 fp32 elements a thread holds per 16-byte vector."""
+    row = compiled[0][name]
+    _, loads, stores = SPECIALIZATIONS[name]
+    ptx = row["asm"]["ptx"]
+    per_thread = 1024 // (32 * row["num_warps"])
     assert _count(r"@%p\d+ ld\.global\.b(16|32) ", ptx) >= per_thread * len(loads)
     assert _count(r"@%p\d+ st\.global\.b(16|32) ", ptx) >= per_thread * len(stores)
+    assert row["shared"] == 0 or name.endswith("bf16"), "values cross shared memory"
 
 
 @pytest.mark.parametrize("name", SPECIALIZATIONS)
 def test_hints_sit_on_the_aligned_paths_pointers_only(compiled, name):
     """One ``tt.divisibility`` hint per row pointer (the table's addresses after their cast, ``base + offset``
-    for the flat buffers), made inside the aligned branch; the plain path makes its pointers again, unhinted."""
-    _, _, loads, stores = SPECIALIZATIONS[name]
-    ttir = compiled[name]["ttir"]
+    for the flat buffers), made for the aligned path; the masked path makes its pointers again, unhinted."""
+    _, loads, stores = SPECIALIZATIONS[name]
+    ttir = compiled[0][name]["asm"]["ttir"]
     hinted = re.findall(r"= tt\.(int_to_ptr|addptr) .*\{tt\.divisibility = dense<16>", ttir)
     assert len(hinted) == len(set(loads) | set(stores))
     assert sorted(hinted).count("int_to_ptr") == len({"param", "grad"} & set(loads))
     assert _count(r"= tt\.int_to_ptr %\w+ : i64", ttir) == len({"param", "grad"} & set(loads))
 
 
-if __name__ == "__main__":
-    print(json.dumps(_compile_all(sys.argv[1:])))
+@pytest.mark.parametrize("name", SPECIALIZATIONS)
+def test_no_contraction(compiled, name):
+    """Compiled with ``enable_fp_fusion=False``: each f32 multiply and add its own ``.rn`` instruction, no FMA."""
+    ptx = compiled[0][name]["asm"]["ptx"]
+    assert _count(r"^\s*(fma|mad)\.\w*\.?f32", ptx) == 0
+    assert _count(r"^\s*(mul|add|sub)\.rn\.f32", ptx) > 0
+    assert _count(r"^\s*(mul|add|sub)\.f32", ptx) == 0, "an f32 operation without .rn, which ptxas may contract"
