@@ -51,6 +51,14 @@ credited with the same bytes, so GB/s ratios are speed ratios):
 - ``sema`` (Switch EMA, β = 0.999, switch every 10th step): ``+ 8``; the switch writes θ in place of
   the updated value, which the step writes anyway.
 
+``--averaged-model`` measures instead the averaging update of a model trained by any optimizer (one
+``update_parameters`` call, EMA β = 0.999, no optimizer step) on the GPT-2-like layout and on 2,000
+tensors of 1000 elements: ``fastavg.AveragedModel`` (fp32 averages, one launch per bucket) against
+``torch.optim.swa_utils.AveragedModel`` with ``get_ema_multi_avg_fn``, a per-parameter
+``e.lerp_(θ, 1 − β)`` loop and, when timm imports, ``timm.utils.ModelEmaV3``. The bytes credited per
+element are those of an fp32 average: read θ, read and write the average, ``s + 8``; the ratio column is
+against torch's ``AveragedModel``. torch's, timm's and the loop keep the average in the model's dtype.
+
 Modes that do not average on every step (``ema-every-10``, ``lawa``, ``sema``) are timed over whole
 cycles of 10 steps, each containing exactly one averaging/snapshot/switch step; the table reports the
 per-step average of a cycle (cycle time / 10), and its p20/p80 over cycles. A measurement stops timing
@@ -589,6 +597,103 @@ def _parse_sizes(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"sizes are integers with an optional k/M/B suffix, got {text!r}")
 
 
+_AVERAGED_MODEL_SIZES = {"gpt2": DEFAULT_SIZE, "small": {"cpu": 2_000_000, "cuda": 2_000_000}}
+_TORCH_AVERAGED_MODEL = "torch AveragedModel"
+
+
+class _ParameterLoop:
+    """``e.lerp_(θ, 1 − β)`` one parameter at a time, the average in the model's dtype."""
+
+    def __init__(self, model):
+        self.averages = [p.detach().clone() for p in model.parameters()]
+
+    @torch.no_grad()
+    def update_parameters(self, model):
+        for average, p in zip(self.averages, model.parameters()):
+            average.lerp_(p, 1 - _AVERAGED_MODEL_DECAY)
+
+
+class _TimmModelEmaV3:
+    def __init__(self, model):
+        from timm.utils import ModelEmaV3
+
+        self.ema = ModelEmaV3(model, decay=_AVERAGED_MODEL_DECAY)
+
+    def update_parameters(self, model):
+        self.ema.update(model)
+
+
+_AVERAGED_MODEL_DECAY = 0.999
+
+
+def _averaged_model_implementations():
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    impls = {
+        "fastavg.AveragedModel": lambda m: fastavg.AveragedModel(
+            m, multi_avg_fn=get_ema_multi_avg_fn(_AVERAGED_MODEL_DECAY)),
+        _TORCH_AVERAGED_MODEL: lambda m: AveragedModel(m, multi_avg_fn=get_ema_multi_avg_fn(_AVERAGED_MODEL_DECAY)),
+        "per-param lerp loop": _ParameterLoop,
+    }
+    try:
+        import timm.utils  # noqa: F401
+    except Exception as error:  # timm imports torchvision, which fails in many ways when it mismatches torch
+        impls["timm ModelEmaV3"] = f"timm does not import ({type(error).__name__})"
+    else:
+        impls["timm ModelEmaV3"] = _TimmModelEmaV3
+    return impls
+
+
+def run_averaged_model(layouts, sizes, dtype, device, warmup, iters, progress=print, rounds=3):
+    """Time one ``update_parameters`` of each implementation on each layout; rows as :func:`run`'s.
+
+    ``sizes`` maps a layout to its parameter count. Rounds alternate the implementations, as in :func:`run`.
+    """
+    rows = []
+    dtype_name = str(dtype).removeprefix("torch.")
+    for layout in layouts:
+        shapes = layout_shapes(layout, sizes[layout])
+        numel = sum(math.prod(s) for s in shapes)
+        moved = (torch.finfo(dtype).bits // 8 + 8) * numel
+        impls = _averaged_model_implementations()
+        group = {name: Row("EMA update", layout, dtype_name, numel, len(shapes), name) for name in impls}
+        samples = {name: [] for name in impls}
+        for name, build in impls.items():
+            if isinstance(build, str):
+                group[name].unavailable = build
+        for _ in range(rounds):
+            for name, build in impls.items():
+                if group[name].unavailable:
+                    continue
+                model = torch.nn.ParameterList(_params(shapes, dtype, device))
+                averaged = build(model)
+                samples[name] += time_steps(lambda: averaged.update_parameters(model), device, warmup, iters,
+                                            _BUDGET_S, 3)
+                del averaged, model
+        for name, row in group.items():
+            if samples[name]:
+                times = samples[name]
+                row.median_ms = statistics.median(times) * 1e3
+                row.p20_ms, row.p80_ms = (q * 1e3 for q in _quantiles(times))
+                row.gbps = moved / (row.median_ms / 1e3) / 1e9
+            result = f"unavailable ({row.unavailable})" if row.unavailable else f"{row.median_ms:9.3f} ms"
+            progress(f"EMA update {layout:<5} {_human(numel):>6} {dtype_name:<8} {name:<22} {result}")
+        baseline = group[_TORCH_AVERAGED_MODEL].median_ms
+        for row in group.values():
+            if row.median_ms:
+                row.speedup_vs_torch = baseline / row.median_ms
+        rows.extend(group.values())
+    return rows
+
+
+def format_averaged_model_table(rows: list[Row], copy_gbps: float) -> str:
+    """:func:`format_table`'s table, the ratio column against torch's ``AveragedModel``."""
+    for row in rows:
+        if row.gbps is not None:
+            row.copy_fraction = row.gbps / copy_gbps
+    return format_table(rows).replace("| vs torch best |", "| vs torch AveragedModel |", 1)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fastavg.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -613,11 +718,17 @@ def main(argv=None) -> None:
                         help="timed steps per measurement (default: 10 on CPU, 20 on GPU)")
     parser.add_argument("--quick", action="store_true",
                         help="short run: at most 1 warm-up and 6 iterations, smaller default size, no torch.compile")
+    parser.add_argument("--averaged-model", action="store_true",
+                        help="time AveragedModel.update_parameters implementations instead (layouts gpt2,small by "
+                             "default; small = 2,000 tensors)")
     parser.add_argument("--csv", metavar="PATH", help="also write the rows as CSV")
     parser.add_argument("--plot", metavar="PNG", help="also plot GB/s against size (needs matplotlib)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
+    if args.averaged_model:
+        _main_averaged_model(args, device)
+        return
     sizes = args.sizes or [(QUICK_SIZE if args.quick else DEFAULT_SIZE)[device.type]]
     iters = args.iters or (20 if device.type == "cuda" else 10)
     warmup, iters = (min(args.warmup, 1), min(iters, 6)) if args.quick else (args.warmup, iters)
@@ -648,6 +759,25 @@ def main(argv=None) -> None:
         _write_csv(rows, args.csv)
     if args.plot:
         _plot(rows, args.plot, title)
+
+
+def _main_averaged_model(args, device) -> None:
+    layouts = args.layouts if args.layouts != ["gpt2"] else ["gpt2", "small"]
+    sizes = {layout: args.sizes[0] if args.sizes else _AVERAGED_MODEL_SIZES.get(layout, DEFAULT_SIZE)[device.type]
+             for layout in layouts}
+    iters = args.iters or (20 if device.type == "cuda" else 10)
+    warmup, iters = (min(args.warmup, 1), min(iters, 6)) if args.quick else (args.warmup, iters)
+    copy_gbps = copy_bandwidth(device, min(max(4 * max(sizes.values()), 1 << 26), 1 << 30), warmup, max(iters, 3))
+    rows = []
+    for dtype in args.dtypes:
+        rows += run_averaged_model(layouts, sizes, getattr(torch, dtype), device, warmup, iters,
+                                   progress=lambda line: print(line, file=sys.stderr, flush=True),
+                                   rounds=1 if args.quick else 3)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"\nfastavg {fastavg.__version__}, torch {torch.__version__}, {name}, copy bandwidth {copy_gbps:.1f} GB/s\n")
+    print(format_averaged_model_table(rows, copy_gbps))
+    if args.csv:
+        _write_csv(rows, args.csv)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ from fastavg import reference
 def tolerance(dtype: torch.dtype) -> dict:
     """rtol/atol for comparing a backend with the reference on parameters of ``dtype``.
 
-    fp32: the kernels and the reference round differently in the last bit, so 1e-6 relative.
+    fp32: contraction is off in every backend (no fused multiply-add; see README), so each operation rounds as in
+    the reference; the kernels still differ from torch's ops in the last bit of some elements (torch's vectorized
+    pow, division and square root, and the order in which a few terms are summed), so 1e-6 relative.
     bf16/fp16: one fp32 ulp of difference can flip the rounding of θ to the parameter dtype, so one
     ulp of that dtype, which then also bounds the fp32 averages fed from θ.
     float64 (reference against torch): 1e-12.
