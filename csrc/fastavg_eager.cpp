@@ -77,8 +77,23 @@ void average(const std::vector<at::Tensor>& params, const at::Tensor& segments,
 
 }  // namespace
 
-PYBIND11_MODULE(_C, m) {
+// The torch this library was compiled against, as bytes that fastavg reads from the file before loading it
+// (fastavg._extension.built_against): a library built against another torch must not be loaded at all, since
+// loading it registers the ops. setup.py and the just-in-time build pass -DFASTAVG_TORCH_VERSION=<version>.
+#define FASTAVG_STRINGIFY_(x) #x
+#define FASTAVG_STRINGIFY(x) FASTAVG_STRINGIFY_(x)
+#ifdef FASTAVG_TORCH_VERSION
+#define FASTAVG_TORCH_VERSION_STRING FASTAVG_STRINGIFY(FASTAVG_TORCH_VERSION)
+#else
+#define FASTAVG_TORCH_VERSION_STRING "unknown"
+#endif
+extern "C" __attribute__((used, visibility("default"))) const char fastavg_built_against_torch[] =
+    "fastavg-built-against-torch:" FASTAVG_TORCH_VERSION_STRING "\n";
+
+// TORCH_EXTENSION_NAME: _C when setup.py builds fastavg._C, the just-in-time build's own name otherwise.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastavg's compiled kernels (registered as torch.ops.fastavg) and the eager step path";
+  m.attr("built_against_torch") = FASTAVG_TORCH_VERSION_STRING;
   m.def("addresses_match", &addresses_match);
   m.def("adam_step_", &adam_step);
   m.def("sgd_step_", &sgd_step);

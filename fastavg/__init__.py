@@ -5,11 +5,12 @@
 
 ``fastavg.reference`` holds the same classes in plain torch (the spec).
 """
-from . import reference
+from . import posthoc, reference
 from ._backends import status as backend_status
 from .averaged_model import AveragedModel
-from .averaging import BELAY, EMA, LAWA, SEMA, SWA
+from .averaging import BELAY, BEMA, EMA, LAWA, SEMA, SWA, PowerEMA
 from .optim import SGD, Adam, AdamW
 
-__all__ = ["SGD", "Adam", "AdamW", "AveragedModel", "EMA", "BELAY", "SWA", "LAWA", "SEMA", "backend_status", "reference"]
+__all__ = ["SGD", "Adam", "AdamW", "AveragedModel", "EMA", "BELAY", "SWA", "LAWA", "SEMA", "PowerEMA", "BEMA",
+           "backend_status", "posthoc", "reference"]
 __version__ = "0.1.0"

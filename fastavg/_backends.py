@@ -18,6 +18,7 @@ exp_avg_sq[, max_exp_avg_sq]; SGD: [momentum_buffer] when momentum != 0) and ``a
 from __future__ import annotations
 
 import os
+import warnings
 from types import SimpleNamespace
 
 import torch
@@ -92,28 +93,66 @@ REFERENCE = SimpleNamespace(name="reference", adam_step_=_reference_adam_step_, 
                             average_=_reference_average_, eager=None)
 
 
-def _load_extension():
-    try:
-        from . import _C  # registers torch.ops.fastavg
-    except ImportError as error:
-        return None, f"the C++ extension fastavg._C is not built ({error}); reinstall with a compiler and torch present"
-    ops = torch.ops.fastavg
-    eager = SimpleNamespace(adam_step_=_C.adam_step_, sgd_step_=_C.sgd_step_, average_=_C.average_)
-    return SimpleNamespace(adam_step_=ops.adam_step_, sgd_step_=ops.sgd_step_, average_=ops.average_, eager=eager,
-                           addresses_match=_C.addresses_match), ""
+_LOADED = None  # (namespace of the extension's ops or None, why not, where it came from), once per process
 
 
-_EXTENSION, _EXTENSION_REASON = _load_extension()
-# Whether parameters and gradients are still where a cached segment table says (one C++ pass if built).
-addresses_match = _EXTENSION.addresses_match if _EXTENSION is not None else _addresses_match_in_python
+def _extension():
+    """The compiled extension's ops, loaded (or compiled just in time) on first use: see fastavg._extension."""
+    global _LOADED
+    if _LOADED is None:
+        from . import _extension as loader
+
+        module, reason, origin = loader.load()
+        ops = None
+        if module is not None:
+            fastavg_ops = torch.ops.fastavg
+            ops = SimpleNamespace(adam_step_=fastavg_ops.adam_step_, sgd_step_=fastavg_ops.sgd_step_,
+                                  average_=fastavg_ops.average_, addresses_match=module.addresses_match,
+                                  eager=SimpleNamespace(adam_step_=module.adam_step_, sgd_step_=module.sgd_step_,
+                                                        average_=module.average_))
+        _LOADED = (ops, reason, origin)
+    return _LOADED
+
+
+def __getattr__(name):
+    # _EXTENSION stays a module attribute for the tests that read it, without loading at import.
+    if name == "_EXTENSION":
+        return _extension()[0]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def addresses_match(params, addresses) -> bool:
+    """Whether parameters and gradients are still where a cached segment table says (one C++ pass if built)."""
+    extension = _extension()[0]
+    if extension is not None:
+        return extension.addresses_match(params, addresses)
+    return _addresses_match_in_python(params, addresses)
 
 
 def _extension_backend(name: str, dispatch_key: str):
-    if _EXTENSION is None:
-        return None, _EXTENSION_REASON
+    extension, reason, _ = _extension()
+    if extension is None:
+        return None, reason
     if not torch._C._dispatch_has_kernel_for_dispatch_key("fastavg::adam_step_", dispatch_key):
-        return None, f"fastavg._C was built without {dispatch_key} kernels"
-    return SimpleNamespace(name=name, **vars(_EXTENSION)), ""
+        if dispatch_key == "CUDA":
+            return None, _missing_cuda_reason()
+        return None, f"the extension has no {dispatch_key} kernels"
+    return SimpleNamespace(name=name, **vars(extension)), ""
+
+
+def _missing_cuda_reason() -> str:
+    """Why the extension that loaded has no CUDA kernels, and the fix."""
+    from . import _build
+
+    try:
+        _, reason = _build.cuda_plan(torch)
+    except ValueError as error:
+        reason = str(error)
+    rebuild = "FASTAVG_BUILD_CUDA=1 pip install --no-build-isolation fastavg (or -e . in a checkout)"
+    if reason:
+        return f"the extension was built without CUDA kernels: {reason}; then rebuild: {rebuild}"
+    return (f"the extension was built without CUDA kernels, though a toolkit is found now; rebuild: {rebuild} "
+            "(it stops with the error if the CUDA part fails)")
 
 
 def _triton_backend():
@@ -126,9 +165,13 @@ def _triton_backend():
 
 def _status() -> dict:
     cpu, cpu_reason = _extension_backend("cpu", "CPU")
-    cuda, cuda_reason = _extension_backend("cuda", "CUDA")
-    if cuda is not None and not torch.cuda.is_available():
-        cuda, cuda_reason = None, "no CUDA device is visible"
+    if torch.version.cuda is None:
+        cuda, cuda_reason = None, (f"this torch ({torch.__version__}) has no CUDA; install a CUDA build of torch "
+                                   "(pip install torch from PyPI on Linux)")
+    elif not torch.cuda.is_available():
+        cuda, cuda_reason = None, "no CUDA device is visible (torch.cuda.is_available() is False)"
+    else:
+        cuda, cuda_reason = _extension_backend("cuda", "CUDA")
     triton, triton_reason = _triton_backend()
     return {
         "reference": (REFERENCE, ""),
@@ -139,8 +182,29 @@ def _status() -> dict:
 
 
 def status() -> dict[str, str]:
-    """Each backend's name mapped to '' when it is available, else why it is not."""
+    """Each backend's name mapped to '' when it is available, else why it is not and the fix. Loads the compiled
+    extension, compiling it just in time if needed (see fastavg._extension)."""
     return {name: reason for name, (_, reason) in _status().items()}
+
+
+def extension_origin() -> str:
+    """Where the compiled extension came from ('' if it is unavailable)."""
+    return _extension()[2]
+
+
+_WARNED_SLOW = False
+
+
+def _warn_slow_once(device: torch.device, reasons: dict) -> None:
+    """An 'auto' request that fell back to the reference backend for a dtype the kernels serve: say so once."""
+    global _WARNED_SLOW
+    if _WARNED_SLOW:
+        return
+    _WARNED_SLOW = True
+    why = "; ".join(f"{name}: {reasons[name]}" for name in reasons)
+    warnings.warn(f"fastavg runs the slow reference backend (pure torch, one parameter at a time) for parameters on "
+                  f"{device}: {why}. Pass backend='reference' to choose it knowingly and silence this warning; "
+                  "`python -m fastavg` reports every backend", RuntimeWarning, stacklevel=4)
 
 
 def default_request(backend) -> str:
@@ -159,6 +223,8 @@ def resolve(request: str, device: torch.device, dtype: torch.dtype):
         for name in order:
             backend, _ = backends[name]
             if backend is not None and (name == "reference" or dtype in KERNEL_DTYPES) and _serves(name, device):
+                if name == "reference" and dtype in KERNEL_DTYPES:
+                    _warn_slow_once(device, {n: backends[n][1] for n in order if n != "reference"})
                 return backend
         return REFERENCE
     backend, reason = backends[request]

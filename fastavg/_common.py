@@ -12,7 +12,11 @@ import copy
 
 import torch
 
-from .averaging import LAWA, NO_PLAN, AveragePlan, check_averager
+from .averaging import BEMA, LAWA, NO_PLAN, AveragePlan, check_averager
+
+# The keys torch.optim's SGD, Adam and AdamW read; every other key of ``opt.state[p]`` is fastavg's averaging.
+_OPTIMIZER_STATE_KEYS = ("step", "momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -38,7 +42,35 @@ def check_unit_interval(name: str, value) -> None:
         raise ValueError(f"{name} must be in [0, 1), got {value}")
 
 
+def check_tensor_lr(group: dict) -> None:
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
+        if group.get("foreach") and not group.get("capturable"):
+            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True (as in "
+                             "torch.optim); pass a float, or leave foreach unset (fastavg always fuses)")
+
+
+def check_torch_keywords(foreach, fused, differentiable, capturable=False) -> None:
+    """torch.optim's implementation switches, accepted with torch's values; see the constructors' docstrings."""
+    for name, value in (("foreach", foreach), ("fused", fused)):
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"{name} must be None, True or False, got {value!r}")
+    for name, value in (("differentiable", differentiable), ("capturable", capturable)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+    if differentiable:
+        raise NotImplementedError("differentiable=True is not supported: fastavg's fused step is not differentiable "
+                                  "(as torch's fused=True path); use torch.optim with differentiable=True")
+    if capturable:
+        raise NotImplementedError("capturable=True is not supported yet: fastavg.step() reads lr and the step count "
+                                  "on the host; capture the ops (torch.ops.fastavg.*) directly, or use torch.optim "
+                                  "with capturable=True")
+
+
 def check_sgd_group(group: dict) -> None:
+    check_tensor_lr(group)
     check_nonnegative("lr", group["lr"])
     check_nonnegative("momentum", group["momentum"])
     check_nonnegative("weight_decay", group["weight_decay"])
@@ -54,12 +86,22 @@ def check_sgd_group(group: dict) -> None:
 
 
 def check_adam_group(group: dict) -> None:
+    check_tensor_lr(group)
     check_nonnegative("lr", group["lr"])
     check_nonnegative("eps", group["eps"])
     check_nonnegative("weight_decay", group["weight_decay"])
     betas = group["betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+    if not isinstance(betas, (tuple, list)):
         raise TypeError(f"betas must be a pair of floats, got {betas!r}")
+    if len(betas) != 2:
+        # torch indexes betas[1] and raises IndexError for a shorter tuple; so does fastavg, with a message.
+        raise IndexError(f"betas must be a pair (beta1, beta2), got {len(betas)} value(s): {betas!r}")
+    tensors = [isinstance(beta, torch.Tensor) for beta in betas]
+    if any(tensors) and not all(tensors):
+        raise ValueError(f"betas must be either both floats or both Tensors, got {betas!r}")
+    if all(tensors) and group.get("foreach") and not group.get("capturable"):
+        raise ValueError("betas[0] as a Tensor is not supported for capturable=False and foreach=True (as in "
+                         "torch.optim); pass floats, or leave foreach unset (fastavg always fuses)")
     check_unit_interval("betas[0]", betas[0])
     check_unit_interval("betas[1]", betas[1])
 
@@ -105,6 +147,17 @@ class AveragingOptimizer(torch.optim.Optimizer):
         params = list(params)
         if not params:
             raise ValueError("optimizer got an empty parameter list")
+        # (name, tensor) pairs, as model.named_parameters() gives them: torch keeps the names in "param_names".
+        named = [isinstance(p, tuple) for p in params]
+        if any(named):
+            if not all(named):
+                raise ValueError("all optimizer params should be with/without names. Some param names are missing")
+            group["param_names"] = [name for name, _ in params]
+            params = [p for _, p in params]
+        if self.param_groups and ("param_names" in group) != ("param_names" in self.param_groups[0]):
+            raise ValueError("all optimizer param groups should be with/without names. cannot add a param group "
+                             f"{'with' if 'param_names' in group else 'without'} names to groups "
+                             f"{'with' if 'param_names' in self.param_groups[0] else 'without'} names")
         for p in params:
             check_param(p)
         if len({id(p) for p in params}) != len(params):
@@ -141,13 +194,18 @@ class AveragingOptimizer(torch.optim.Optimizer):
         self._average_step += 1
         return self.average.plan(self._average_step) if self.average is not None else NO_PLAN
 
+    def _finish_average_step(self) -> None:
+        """The averager's hook after a step's averaging (PowerEMA's snapshots)."""
+        if self.average is not None:
+            self.average.after_step(self._average_step, self.averaged_parameters)
+
     # --- averaging API ---------------------------------------------------------------------------
     def _require_average(self, index: int) -> None:
         if self.average is None:
             raise RuntimeError(
                 "this optimizer keeps no average; build it with average=fastavg.EMA(...) or another averager"
             )
-        count = max(self.average.num_averages, 1)
+        count = self.average.num_outputs
         if not 0 <= index < count:
             raise IndexError(f"index must be in [0, {count}), got {index}")
 
@@ -155,7 +213,8 @@ class AveragingOptimizer(torch.optim.Optimizer):
         return [p for group in self.param_groups for p in group["params"]]
 
     def _average_of(self, p, index: int) -> torch.Tensor:
-        """The average of ``p`` in fp32: a view for EMA/BELAY/SWA/SEMA, computed for LAWA; θ before any step."""
+        """The average of ``p`` in fp32: a view for EMA/BELAY/SWA/SEMA/PowerEMA, computed for LAWA and BEMA;
+        θ before any step."""
         state = self.state[p]
         if self._average_step == 0:
             return p.detach().to(compute_dtype(p.dtype), copy=True)
@@ -164,14 +223,17 @@ class AveragingOptimizer(torch.optim.Optimizer):
             if count == 0:
                 return p.detach().to(compute_dtype(p.dtype))
             return state["lawa_sum"] / count
+        if isinstance(self.average, BEMA):
+            return self.average.bema_weights(state, self._average_step)
         return state[f"average_{index}"]
 
     @torch.no_grad()
     def averaged_parameters(self, index: int = 0) -> list[torch.Tensor]:
         """The average of every parameter, in order, shaped like the parameters (fp32).
 
-        For EMA, BELAY, SWA and SEMA these are live views of the average; for LAWA they are computed
-        (``S / min(count, k)``) at the call. ``index`` picks one decay of a multi-decay EMA. Before the
+        For EMA, BELAY, SWA, SEMA and PowerEMA these are live views of the average; for LAWA
+        (``S / min(count, k)``) and BEMA (``EMA + α(θ_u − θ₀)``) they are computed at the call. ``index``
+        picks one decay of a multi-decay EMA or one PowerEMA profile. Before the
         first step, when no average exists yet, they are copies of the parameters.
         """
         self._require_average(index)
@@ -224,12 +286,41 @@ class AveragingOptimizer(torch.optim.Optimizer):
 
     # --- state dict ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """torch's layout. Only parameters the optimizer rule has stepped carry an entry in ``"state"``, as in
+        torch.optim (which reads a present entry as a live one); the averages of the others, which follow θ from
+        the first step on, are kept under ``"fastavg"`` / ``"unstepped"``."""
         state = super().state_dict()
+        unstepped = {}
+        for index, entry in list(state["state"].items()):
+            if float(entry["step"]) == 0:
+                del state["state"][index]
+                averages = {name: value for name, value in entry.items() if name not in _OPTIMIZER_STATE_KEYS}
+                if averages and self._average_step > 0:
+                    unstepped[index] = averages
         state["fastavg"] = {
             "averager": None if self.average is None else self.average.config(),
             "step": self._average_step,
+            "unstepped": unstepped,
         }
         return state
+
+    def _check_same_class(self, saved_groups) -> None:
+        """A state dict of another optimizer class would silently change the update rule: refuse it."""
+        ours = type(self).__name__
+        own_keys = {"momentum", "dampening", "nesterov"} if "momentum" in self.defaults else {"betas", "eps", "amsgrad"}
+        other_keys = {"betas", "eps", "amsgrad"} if "momentum" in self.defaults else {"momentum", "dampening", "nesterov"}
+        for i, saved in enumerate(saved_groups):
+            if not own_keys <= saved.keys() or other_keys & saved.keys():
+                raise ValueError(
+                    f"state_dict's param group {i} (keys {sorted(k for k in saved if k != 'params')}) is not a state "
+                    f"dict of {ours}: load a state dict saved by {ours} (fastavg's or torch.optim's)")
+            if "decoupled_weight_decay" in saved and "decoupled_weight_decay" in self.defaults and bool(
+                    saved["decoupled_weight_decay"]) != bool(self.param_groups[i]["decoupled_weight_decay"]):
+                saved_kind = "AdamW" if saved["decoupled_weight_decay"] else "Adam"
+                raise ValueError(
+                    f"state_dict was saved by {saved_kind} (decoupled_weight_decay={saved['decoupled_weight_decay']}) "
+                    f"and this optimizer is {ours} with decoupled_weight_decay="
+                    f"{self.param_groups[i]['decoupled_weight_decay']}; load it into the matching class")
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict) -> None:
@@ -246,6 +337,7 @@ class AveragingOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"state_dict has {len(saved_groups)} param groups, this optimizer has {len(self.param_groups)}"
             )
+        self._check_same_class(saved_groups)
         id_to_param = {}
         for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             if len(saved["params"]) != len(group["params"]):
@@ -260,7 +352,16 @@ class AveragingOptimizer(torch.optim.Optimizer):
             if extra["averager"] != ours:
                 raise ValueError(f"state_dict was saved with average={extra['averager']}, this optimizer has {ours}")
         copies = []
-        for key, entry in state_dict["state"].items():
+        entries = dict(state_dict["state"])
+        unstepped = (extra or {}).get("unstepped", {})
+        for key in id_to_param:
+            # A parameter without an entry has not been stepped (torch.optim's reading): fresh optimizer state;
+            # its averages, if the state dict has them, are under "unstepped".
+            if key not in entries:
+                state = self.state[id_to_param[key]]
+                copies += [(state[name], torch.zeros(())) for name in _OPTIMIZER_STATE_KEYS if name in state]
+                entries[key] = unstepped.get(key, {})
+        for key, entry in entries.items():
             if key not in id_to_param:
                 raise ValueError(f"state_dict has state for parameter {key}, which no param group lists")
             p = id_to_param[key]
@@ -299,14 +400,21 @@ class AveragingOptimizer(torch.optim.Optimizer):
 
 # The public constructors, shared by the fused optimizers and their reference twins so that both
 # have the same signatures by construction. Each calls the next class in the MRO with
-# ``(params, defaults, average, backend, flat_params)``.
+# ``(params, defaults, average, backend, flat_params)``. torch.optim's implementation switches are accepted
+# with torch's meaning where fastavg has one and kept in the param groups as torch keeps them, so that state
+# dicts have torch's keys: ``foreach`` and ``fused`` (None, True or False) change nothing, fastavg always runs
+# its fused kernels (``backend="reference"`` is the unfused path); ``differentiable=True`` and
+# ``capturable=True`` raise NotImplementedError.
 class SGDArguments:
     _check_group = staticmethod(check_sgd_group)
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
-                 maximize=False, momentum_style="torch", average=None, backend=None, flat_params=False):
+                 maximize=False, foreach=None, differentiable=False, fused=None, momentum_style="torch",
+                 average=None, backend=None, flat_params=False):
+        check_torch_keywords(foreach, fused, differentiable)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                        nesterov=nesterov, maximize=maximize, momentum_style=momentum_style)
+                        nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
+                        fused=fused, momentum_style=momentum_style)
         check_sgd_group(defaults)
         super().__init__(params, defaults, average, backend, flat_params)
 
@@ -315,13 +423,19 @@ class SGDArguments:
 
 
 class AdamArguments:
+    """``decoupled_weight_decay=True`` is AdamW, as in torch.optim.Adam."""
     _check_group = staticmethod(check_adam_group)
-    _decoupled_weight_decay = False
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, *,
-                 maximize=False, average=None, backend=None, flat_params=False):
+                 foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
+                 decoupled_weight_decay=False, average=None, backend=None, flat_params=False):
+        check_torch_keywords(foreach, fused, differentiable, capturable)
+        if not isinstance(decoupled_weight_decay, bool):
+            raise TypeError(f"decoupled_weight_decay must be True or False, got {decoupled_weight_decay!r}")
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
-                        weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
+                        weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, foreach=foreach,
+                        capturable=capturable, differentiable=differentiable, fused=fused,
+                        decoupled_weight_decay=decoupled_weight_decay)
         check_adam_group(defaults)
         super().__init__(params, defaults, average, backend, flat_params)
 
@@ -330,9 +444,14 @@ class AdamArguments:
 
 
 class AdamWArguments(AdamArguments):
-    _decoupled_weight_decay = True
-
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
-                 maximize=False, average=None, backend=None, flat_params=False):
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, average=average,
-                         backend=backend, flat_params=flat_params)
+                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None, average=None,
+                 backend=None, flat_params=False):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+                         capturable=capturable, differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True, average=average, backend=backend, flat_params=flat_params)
+
+
+# Python names the function in "got an unexpected keyword argument": the public class, not the mixin.
+for _public, _arguments in (("SGD", SGDArguments), ("Adam", AdamArguments), ("AdamW", AdamWArguments)):
+    _arguments.__init__.__qualname__ = f"{_public}.__init__"

@@ -24,7 +24,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel as _TorchAveragedModel
 
 from . import _backends, _segments
-from .averaging import BELAY, EMA, LAWA, RULE_NONE, SEMA, SWA, check_averager
+from .averaging import BELAY, BEMA, EMA, LAWA, RULE_NONE, SEMA, SWA, PowerEMA, check_averager
 from .buffers import Bucket
 from .optim import _is_dtensor
 from .reference import average_kwargs, average_state
@@ -87,7 +87,8 @@ class AveragedModel(_TorchAveragedModel):
     Same constructor and behaviour as torch's (``update_parameters``, ``.module``, ``forward``,
     ``n_averaged``, ``state_dict``, ``update_bn``, ``SWALR``), plus:
 
-    - ``average=``: any fastavg averager (EMA with decay tuples and warmups, SWA, LAWA, SEMA, BELAY).
+    - ``average=``: any fastavg averager (EMA with decay tuples and warmups, SWA, LAWA, SEMA, BELAY, PowerEMA
+      with its snapshots, BEMA).
       SEMA's switch and BELAY's reaction write into the model passed to ``update_parameters``.
     - ``averaged_parameters(index=0)``: the fp32 averages of the parameters; ``.module`` holds average
       ``0`` in the model's dtype.
@@ -119,11 +120,11 @@ class AveragedModel(_TorchAveragedModel):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         average = check_averager(average)
-        if average is not None and not isinstance(average, (EMA, SWA, LAWA)):
+        if average is not None and not isinstance(average, (EMA, SWA, LAWA, PowerEMA, BEMA)):
             # EMA covers BELAY and SEMA; averagers added later are checked against this class before use here.
             raise NotImplementedError(
                 f"fastavg.AveragedModel does not support average={type(average).__name__} yet; use it with fastavg's "
-                "optimizers, or pass EMA, BELAY, SWA, LAWA or SEMA")
+                "optimizers, or pass EMA, BELAY, SWA, LAWA, SEMA, PowerEMA or BEMA")
         request = _backends.default_request(backend)
         if average is None:
             functions = avg_fn is not None or multi_avg_fn is not None
@@ -217,7 +218,10 @@ class AveragedModel(_TorchAveragedModel):
                     group.bucket.view(group.bucket.buffers[name], k).copy_(self._all[i])
 
     def _flat_averages(self, index: int):
-        """Per group, the flat fp32 average ``index`` (computed for LAWA; None while LAWA has no snapshot)."""
+        """Per group, the flat fp32 average ``index`` (computed for LAWA and BEMA; None while LAWA has no
+        snapshot)."""
+        if isinstance(self.average, BEMA):
+            return [self.average.bema_weights(group.bucket.buffers, self._t) for group in self._groups]
         if isinstance(self.average, LAWA):
             count = min(self.average.snapshot_count(self._t), self.average.k)
             return [group.bucket.buffers["lawa_sum"] / count if count else None for group in self._groups]
@@ -272,6 +276,7 @@ class AveragedModel(_TorchAveragedModel):
             self._record_versions()
         else:
             self._dirty = True
+        self.average.after_step(self._t, self.averaged_parameters)
 
     def _check_sources(self, sources, copied_buffers) -> None:
         """Raise, changing nothing, if ``model`` is not shaped like the averaged one."""
@@ -340,12 +345,13 @@ class AveragedModel(_TorchAveragedModel):
     def averaged_parameters(self, index: int = 0) -> list[torch.Tensor]:
         """The average of every parameter, in ``module.parameters()`` order, fp32 (float64 for float64).
 
-        Views of the average for EMA/BELAY/SWA/SEMA, computed for LAWA (θ at the last update before its
-        first snapshot). ``index`` picks one decay of a multi-decay EMA. Unfused: ``.module``'s parameters.
+        Views of the average for EMA/BELAY/SWA/SEMA/PowerEMA, computed for LAWA (θ at the last update before its
+        first snapshot) and BEMA. ``index`` picks one decay of a multi-decay EMA or one PowerEMA profile.
+        Unfused: ``.module``'s parameters.
         """
         if self.average is None:
             return [p.detach() for p in self.module.parameters()]
-        count = max(self.average.num_averages, 1)
+        count = self.average.num_outputs
         if not 0 <= index < count:
             raise IndexError(f"index must be in [0, {count}), got {index}")
         self._flush()

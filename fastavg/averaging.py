@@ -1,4 +1,4 @@
-"""Weight averagers: EMA, BELAY, SWA, LAWA and Switch EMA (SEMA).
+"""Weight averagers: EMA, BELAY, SWA, LAWA, Switch EMA (SEMA), power-function EMA (PowerEMA) and BEMA.
 
 An averager is a small immutable description of *when* and *how much* to average. Every schedule is a
 pure function of ``t``, the number of ``optimizer.step()`` calls so far including the current one, so
@@ -10,9 +10,10 @@ Every average starts as a copy of the parameters when the optimizer is built and
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-__all__ = ["EMA", "BELAY", "SWA", "LAWA", "SEMA", "AveragePlan"]
+__all__ = ["EMA", "BELAY", "SWA", "LAWA", "SEMA", "PowerEMA", "BEMA", "AveragePlan", "sigma_rel_to_gamma"]
 
 RULE_NONE = 0
 RULE_EMA = 1
@@ -31,12 +32,14 @@ class AveragePlan:
     for each average; SWA and the copy phase before ``start`` use it too), ``RULE_BELAY`` (the spring
     step with ``weights[0]``), or ``RULE_LAWA`` (snapshot θ into ring slot ``lawa_slot``).
     ``switch``: after averaging, ``θ ← e_0`` (Switch EMA).
+    ``averages``: which averages ``weights`` apply to, in order; empty means the first ``len(weights)``.
     """
 
     rule: int = RULE_NONE
     weights: tuple[float, ...] = ()
     switch: bool = False
     lawa_slot: int = 0
+    averages: tuple[int, ...] = ()
 
 
 NO_PLAN = AveragePlan()
@@ -65,8 +68,16 @@ class _Averager:
     uses_velocity = False
     lawa_k = 0
 
+    @property
+    def num_outputs(self) -> int:
+        """How many averages ``averaged_parameters(index)`` serves."""
+        return max(self.num_averages, 1)
+
     def plan(self, t: int) -> AveragePlan:
         raise NotImplementedError
+
+    def after_step(self, t: int, averaged_parameters) -> None:
+        """Called after step ``t`` has averaged; ``averaged_parameters(index)`` reads the averages."""
 
     def config(self) -> dict:
         """Hyperparameters, as saved in and checked by ``state_dict``."""
@@ -243,10 +254,196 @@ class SEMA(EMA):
         return plan
 
 
+def sigma_rel_to_gamma(sigma_rel: float) -> float:
+    """EDM2's exponent γ for a relative width σ_rel: the largest real root of
+    ``γ³ + 7γ² + (16 − σ_rel⁻²)γ + (12 − σ_rel⁻²)`` (that is, ``σ_rel² = (γ+1) / ((γ+2)²(γ+3))``).
+
+    The cubic is convex right of −7/3 and positive from ``γ = σ_rel⁻¹`` on, so Newton's method started
+    there descends monotonically onto the largest root; σ_rel above about 0.3003 has no root above −1
+    (no power-function profile is that wide).
+    """
+    if isinstance(sigma_rel, bool) or not isinstance(sigma_rel, (int, float)):
+        raise TypeError(f"sigma_rel must be a float in (0, 0.3), got {type(sigma_rel).__name__}")
+    if not 0.0 < sigma_rel < 0.3:
+        raise ValueError(f"sigma_rel must be in (0, 0.3) (EDM2 uses 0.05 to 0.2), got {sigma_rel}")
+    s = float(sigma_rel) ** -2
+    gamma = math.sqrt(s) + 1.0
+    for _ in range(200):
+        f = ((gamma + 7.0) * gamma + 16.0 - s) * gamma + 12.0 - s
+        step = f / ((3.0 * gamma + 14.0) * gamma + 16.0 - s)
+        gamma -= step
+        if abs(step) <= 1e-15 * max(1.0, abs(gamma)):
+            return gamma
+    raise AssertionError(f"Newton's method did not converge for sigma_rel={sigma_rel}")
+
+
+class PowerEMA(_Averager):
+    """EDM2's power-function EMA (Karras et al., arXiv 2312.02696), one profile per ``sigma_rel``.
+
+    Profile ``k`` is an EMA with ``β_t = (1 − 1/t)^(γ_k + 1)``, where ``t`` counts optimizer steps
+    including the current one and ``γ_k = sigma_rel_to_gamma(sigma_rel[k])``: its weights on past θ grow
+    like ``τ^γ``, so its length is a fixed fraction (σ_rel) of the run so far. Every profile is updated
+    from one read of θ in the fused step (the multi-average EMA rule with per-step weights
+    ``1 − β_t``); ``β_1 = 0`` makes the first step a copy. ``averaged_parameters(k)`` is profile ``k``.
+
+    With ``snapshot_every=N`` and ``snapshot_dir``, every N-th step writes each profile (fp32, in the
+    optimizer's parameter order, with σ_rel, γ and t) to one file per profile and step; the copy to
+    (pinned) host memory is queued on the device's stream and the file is written by a background
+    thread, so the step does not wait. :meth:`flush` waits for the pending writes and raises a failed
+    one. :func:`fastavg.posthoc.synthesize` builds the EMA of any σ_rel from the snapshots (EDM2's
+    Algorithm 3).
+    """
+
+    def __init__(self, sigma_rel=(0.05, 0.10), *, snapshot_every=None, snapshot_dir=None):
+        sigmas = tuple(sigma_rel) if isinstance(sigma_rel, (tuple, list)) else (sigma_rel,)
+        if not 1 <= len(sigmas) <= MAX_AVERAGES:
+            raise ValueError(
+                f"sigma_rel must be a float or a tuple of 1 to {MAX_AVERAGES} floats, got {len(sigmas)}")
+        gammas = tuple(sigma_rel_to_gamma(s) for s in sigmas)
+        if len(set(sigmas)) != len(sigmas):
+            raise ValueError(f"sigma_rel has a value twice ({sigmas}); each profile needs its own width")
+        if snapshot_every is not None:
+            _check_int("snapshot_every", snapshot_every, 1)
+        if (snapshot_every is None) != (snapshot_dir is None):
+            raise ValueError("snapshot_every and snapshot_dir go together: pass both to write snapshots for "
+                             "fastavg.posthoc, or neither")
+        if snapshot_dir is not None:
+            from .posthoc import prepare_snapshot_dir
+
+            snapshot_dir = prepare_snapshot_dir(snapshot_dir)
+        self.sigma_rel = tuple(float(s) for s in sigmas)
+        self.gamma = gammas
+        self.snapshot_every = snapshot_every
+        self.snapshot_dir = snapshot_dir
+        self._writer = None
+
+    @property
+    def num_averages(self) -> int:
+        return len(self.sigma_rel)
+
+    def decay_at(self, gamma: float, t: int) -> float:
+        """``β_t = (1 − 1/t)^(γ + 1)``."""
+        return (1.0 - 1.0 / t) ** (gamma + 1.0)
+
+    def weight_at(self, gamma: float, t: int) -> float:
+        """``1 − β_t``, computed without the cancellation of ``1 − β_t`` when β_t is near 1."""
+        return 1.0 if t == 1 else -math.expm1((gamma + 1.0) * math.log1p(-1.0 / t))
+
+    def plan(self, t: int) -> AveragePlan:
+        return AveragePlan(RULE_EMA, tuple(self.weight_at(g, t) for g in self.gamma))
+
+    def after_step(self, t: int, averaged_parameters) -> None:
+        if self.snapshot_every is None or t % self.snapshot_every:
+            return
+        if self._writer is None:
+            from .posthoc import SnapshotWriter
+
+            self._writer = SnapshotWriter(self.snapshot_dir)
+        for k, (sigma, gamma) in enumerate(zip(self.sigma_rel, self.gamma)):
+            self._writer.write(t, k, sigma, gamma, averaged_parameters(k))
+
+    def flush(self) -> None:
+        """Wait until every snapshot queued so far is on disk; raise the first write that failed."""
+        if self._writer is not None:
+            self._writer.flush()
+
+    def config(self) -> dict:
+        # Where and how often snapshots go does not change the averages: a run may resume with others.
+        return {"name": "PowerEMA", "sigma_rel": self.sigma_rel}
+
+    def __repr__(self) -> str:
+        return (f"PowerEMA(sigma_rel={self.sigma_rel!r}, snapshot_every={self.snapshot_every!r}, "
+                f"snapshot_dir={self.snapshot_dir!r})")
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_writer": None}
+
+
+def _check_positive(name: str, value, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not (value >= 0.0 if allow_zero else value > 0.0) or math.isinf(value):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'} and finite, got {value}")
+    return float(value)
+
+
+class BEMA(_Averager):
+    """BEMA, "EMA without the lag" (Block & Zhang, arXiv 2508.00180), exactly TRL's ``BEMACallback``.
+
+    With ``t`` the optimizer's step count (TRL's ``global_step``), ``ρ = lag``, ``γ = multiplier``,
+    ``κ = ema_power``, ``η = bias_power``:
+
+    - until step ``update_after``: nothing; the BEMA weights are θ as at the first step (TRL's copy of
+      the model at ``on_train_begin``), as are θ₀ and the EMA;
+    - at step ``update_after`` (if > 0): ``θ₀ ← θ``, ``EMA ← θ`` (the BEMA weights do not change);
+    - at steps ``t > update_after`` with ``(t − update_after) % update_freq == 0``:
+      ``β_t = max((ρ + γt)^(−κ), min_ema_multiplier)``, ``α_t = (ρ + γt)^(−η)``,
+      ``EMA ← (1 − β_t)·EMA + β_t·θ_t``, and the BEMA weights are ``EMA + α_t(θ_t − θ₀)``.
+
+    Three fp32 buffers: ``average_0`` the EMA, ``average_1`` θ at the last update step, ``average_2``
+    θ₀. An update step is the multi-average EMA rule with weights ``(β_t, 1)`` on the first two, fused in
+    the optimizer step; the BEMA weights ``EMA + α_t(θ_t − θ₀)`` are assembled when read
+    (``averaged_parameters()``, ``swap_average()``), which moves fewer bytes per update step than
+    storing them and gives the same fp32 values. ``averaged_parameters()`` are the BEMA weights as of
+    the last update step, as TRL's running model holds them.
+    """
+
+    num_averages = 3
+
+    def __init__(self, update_freq=400, ema_power=0.5, bias_power=0.2, lag=10, update_after=0, multiplier=1.0,
+                 min_ema_multiplier=0.0):
+        self.update_freq = _check_int("update_freq", update_freq, 1)
+        self.ema_power = _check_positive("ema_power", ema_power, allow_zero=True)
+        self.bias_power = _check_positive("bias_power", bias_power, allow_zero=True)
+        self.lag = _check_positive("lag", lag, allow_zero=True)
+        self.update_after = _check_int("update_after", update_after, 0)
+        self.multiplier = _check_positive("multiplier", multiplier, allow_zero=True)
+        self.min_ema_multiplier = _check_positive("min_ema_multiplier", min_ema_multiplier, allow_zero=True)
+        if self.min_ema_multiplier > 1.0:
+            raise ValueError(f"min_ema_multiplier must be in [0, 1] (a floor on β_t), got {min_ema_multiplier}")
+        if self.lag + self.multiplier * (update_after + update_freq) <= 0:
+            raise ValueError("lag + multiplier * t must be > 0 at the first update step (its powers are taken); "
+                             "set lag > 0 or multiplier > 0")
+
+    @property
+    def num_outputs(self) -> int:
+        return 1
+
+    def ema_beta(self, t: int) -> float:
+        """``β_t = max((ρ + γt)^(−κ), min_ema_multiplier)``."""
+        return max((self.lag + self.multiplier * t) ** (-self.ema_power), self.min_ema_multiplier)
+
+    def bema_alpha(self, t: int) -> float:
+        """``α_t = (ρ + γt)^(−η)``."""
+        return (self.lag + self.multiplier * t) ** (-self.bias_power)
+
+    def last_update(self, t: int) -> int:
+        """The last update step at or before ``t``, or 0 if none has come yet."""
+        if t <= self.update_after:
+            return 0
+        return t - (t - self.update_after) % self.update_freq if t - self.update_after >= self.update_freq else 0
+
+    def plan(self, t: int) -> AveragePlan:
+        if t == self.update_after:
+            return AveragePlan(RULE_EMA, (1.0, 1.0), averages=(0, 2))
+        if t > self.update_after and (t - self.update_after) % self.update_freq == 0:
+            return AveragePlan(RULE_EMA, (self.ema_beta(t), 1.0))
+        return NO_PLAN
+
+    def bema_weights(self, buffers: dict, t: int):
+        """The BEMA weights after ``t`` steps from ``buffers`` (a parameter's state or a bucket's flat
+        buffers, by name): ``EMA + α(θ_u − θ₀)`` at the last update step ``u``, θ_u itself before one."""
+        u = self.last_update(t)
+        if u == 0:
+            return buffers["average_1"]
+        return buffers["average_0"] + self.bema_alpha(u) * (buffers["average_1"] - buffers["average_2"])
+
+
 def check_averager(average) -> _Averager | None:
     if average is None or isinstance(average, _Averager):
         return average
     raise TypeError(
-        f"average must be None or one of fastavg.EMA/BELAY/SWA/LAWA/SEMA, got {type(average).__name__}"
+        "average must be None or one of fastavg.EMA/BELAY/SWA/LAWA/SEMA/PowerEMA/BEMA, "
+        f"got {type(average).__name__}"
     )
 

@@ -123,6 +123,7 @@ class Bucket:
             self.add_buffer(name)
         self._init_average_buffers(average)
         self.steps = torch.zeros(len(params), dtype=torch.float32)
+        self._empty = [i for i, p in enumerate(params) if p.numel() == 0]
         for i, p in enumerate(params):
             state[p]["step"] = self.steps[i]
         self._uniform_steps = True
@@ -132,7 +133,7 @@ class Bucket:
         self._cache = None
         # The per-launch scalars (lr, step, averaging weights) the kernels read: on the CPU lr lives
         # here and step in ``steps``; on a GPU all of them travel in ``scalars``, made at the first step.
-        self.lr_cpu = torch.zeros(1) if self.device.type == "cpu" else None
+        self.lr_cpu = torch.zeros(1, dtype=self.state_dtype) if self.device.type == "cpu" else None
         self.scalars = None
 
     # --- layout -----------------------------------------------------------------------------------
@@ -196,9 +197,17 @@ class Bucket:
 
     # --- per step ---------------------------------------------------------------------------------
     def current(self, addresses_match) -> bool:
-        """Whether the cached launches still hold: every parameter and gradient is where their tables say."""
-        return self._cache is not None and all(
-            addresses_match(launch.params, launch.addresses) for _, launch in self._cache)
+        """Whether the cached launches still hold: every parameter and gradient is where their tables say.
+
+        An empty tensor's address is 0 with or without a gradient, so the tables cannot tell whether it has
+        one: that is checked here (the cache holds one launch, for parameters all with or all without one).
+        """
+        if self._cache is None:
+            return False
+        has_grad = self._cache[0][0]
+        if any((self.params[i].grad is not None) != has_grad for i in self._empty):
+            return False
+        return all(addresses_match(launch.params, launch.addresses) for _, launch in self._cache)
 
     def _check(self, i: int, p: torch.Tensor, grad) -> None:
         """Raise, changing nothing, if parameter ``i`` or its gradient can no longer be stepped here."""

@@ -38,7 +38,10 @@ class _FusedOptimizer(AveragingOptimizer):
         self._flat_params = flat_params
         self._buckets: list[list[Bucket]] = []
         super().__init__(params, defaults, average)
-        self._weights_cpu = torch.zeros(max(self.average.num_averages if self.average else 0, 1))
+        # The averaging weights of the current step: float64 for float64 buckets, an fp32 copy for the others.
+        count = max(self.average.num_averages if self.average else 0, 1)
+        self._weights_float64 = torch.zeros(count, dtype=torch.float64)
+        self._weights_cpu = torch.zeros(count)
 
     def _init_group_state(self, group: dict) -> None:
         by_key: dict = {}
@@ -67,6 +70,9 @@ class _FusedOptimizer(AveragingOptimizer):
     def _all_buckets(self):
         return [bucket for buckets in self._buckets for bucket in buckets]
 
+    # Under torch.compile the step runs eagerly: it is host-side planning around one fused op per bucket, which
+    # Dynamo cannot trace through the C++ fast path; that costs one graph break, and the model's graphs stay whole.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None):
         """One fused optimizer step and averaging; see :mod:`fastavg.reference` for the exact order."""
@@ -88,7 +94,8 @@ class _FusedOptimizer(AveragingOptimizer):
         plan = self._advance_average_step()
         if plan.rule != RULE_NONE:
             for k, weight in enumerate(plan.weights):
-                self._weights_cpu[k] = weight
+                self._weights_float64[k] = weight
+            self._weights_cpu.copy_(self._weights_float64)
         holds = iter(holds)
         for group, group_buckets in zip(self.param_groups, self._buckets):
             for name in self._optimizer_state(group):
@@ -98,18 +105,21 @@ class _FusedOptimizer(AveragingOptimizer):
             for bucket in group_buckets:
                 for has_grad, launch in bucket.launches(next(holds)):
                     self._launch(group, bucket, plan, has_grad, launch)
+        self._finish_average_step()
         return loss
 
     def _scalars(self, bucket: Bucket, lr: float, first: int):
-        """lr, step and averaging weights as fp32 tensors in the bucket's memory.
+        """lr, step and averaging weights as tensors in the bucket's memory: fp32, or float64 (lr and weights) for
+        float64 parameters, so that they reach the step unrounded as in torch.optim.
 
         On a GPU they travel in one small copy into a persistent buffer; the copy is queued on the
         stream like the kernels, so nothing waits and a later launch cannot overtake it.
         """
+        weights = self._weights_float64 if bucket.state_dtype == torch.float64 else self._weights_cpu
         if bucket.device.type == "cpu":
             bucket.lr_cpu.fill_(lr)
-            return bucket.lr_cpu, bucket.steps[first:first + 1], self._weights_cpu
-        host = torch.tensor([lr, float(bucket.steps[first]), *self._weights_cpu.tolist()], dtype=torch.float32)
+            return bucket.lr_cpu, bucket.steps[first:first + 1], weights
+        host = torch.tensor([lr, float(bucket.steps[first]), *weights.tolist()], dtype=bucket.state_dtype)
         if bucket.scalars is None:
             bucket.scalars = torch.empty_like(host, device=bucket.device)
         bucket.scalars.copy_(host, non_blocking=True)
@@ -168,7 +178,7 @@ class Adam(AdamArguments, _FusedOptimizer):
                     switch):
         beta1, beta2 = group["betas"]
         ops.adam_step_(*tensors, segments, state, averages, lr, step, weights, float(beta1), float(beta2),
-                           float(group["eps"]), float(group["weight_decay"]), self._decoupled_weight_decay,
+                           float(group["eps"]), float(group["weight_decay"]), bool(group["decoupled_weight_decay"]),
                            bool(group["amsgrad"]), bool(group["maximize"]), rule, reaction, inertia, switch)
 
 

@@ -14,17 +14,19 @@ One step, for every parameter θ (arithmetic in fp32, or float64 for float64 par
    Before the first step every average is seeded with θ (so weights loaded after the optimizer was
    built are what it starts from).
 3. The averager's plan for ``t`` runs on every parameter, gradient or not (the average is an
-   average of the model's weights): ``ema_rule`` on each average, or ``belay_rule``, or ``lawa_rule``.
+   average of the model's weights): ``ema_rule`` on each average (PowerEMA's profiles and BEMA's
+   buffers too, with their per-step weights), or ``belay_rule``, or ``lawa_rule``.
 4. On a switch step, ``switch_rule``: θ ← e. θ is rounded to its dtype and stored.
+5. The averager's ``after_step`` hook (PowerEMA's snapshots for post-hoc synthesis).
 """
 from __future__ import annotations
 
 import torch
 
 from ._common import AdamArguments, AdamWArguments, AveragingOptimizer, SGDArguments, compute_dtype
-from .averaging import BELAY, EMA, LAWA, RULE_BELAY, RULE_EMA, RULE_LAWA, SEMA, SWA, AveragePlan
+from .averaging import BELAY, BEMA, EMA, LAWA, RULE_BELAY, RULE_EMA, RULE_LAWA, SEMA, SWA, AveragePlan, PowerEMA
 
-__all__ = ["SGD", "Adam", "AdamW", "EMA", "BELAY", "SWA", "LAWA", "SEMA"]
+__all__ = ["SGD", "Adam", "AdamW", "EMA", "BELAY", "SWA", "LAWA", "SEMA", "PowerEMA", "BEMA"]
 
 
 # --- element-wise rules (in place on compute-dtype tensors) ----------------------------------------
@@ -124,7 +126,7 @@ def average_state(plan: AveragePlan, buffers: dict) -> list:
     if plan.rule == RULE_LAWA:
         return [buffers["lawa_sum"], buffers["lawa_ring"][plan.lawa_slot]]
     if plan.rule == RULE_EMA:
-        return [buffers[f"average_{k}"] for k in range(len(plan.weights))]
+        return [buffers[f"average_{k}"] for k in (plan.averages or range(len(plan.weights)))]
     if plan.rule == RULE_BELAY:
         velocity = buffers.get("average_velocity")
         return [buffers["average_0"]] + ([velocity] if velocity is not None else [])
@@ -220,6 +222,7 @@ class _ReferenceOptimizer(AveragingOptimizer):
                 work = apply_average(work, plan.rule, average_state(plan, state), plan.weights,
                                      switch_to_average=plan.switch, param_dtype=p.dtype, **kwargs)
                 p.copy_(work)
+        self._finish_average_step()
         return loss
 
 
@@ -250,7 +253,7 @@ class Adam(AdamArguments, _ReferenceOptimizer):
         beta1, beta2 = group["betas"]
         adam_rule(work, grad, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"),
                   lr=float(group["lr"]), step=float(state["step"]), beta1=beta1, beta2=beta2, eps=group["eps"],
-                  weight_decay=group["weight_decay"], decoupled_weight_decay=self._decoupled_weight_decay,
+                  weight_decay=group["weight_decay"], decoupled_weight_decay=group["decoupled_weight_decay"],
                   amsgrad=group["amsgrad"], maximize=group["maximize"])
 
 

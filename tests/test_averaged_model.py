@@ -342,6 +342,33 @@ def test_cpu_offload_of_a_gpu_model_overlaps_and_matches():
         assert_close(a, b.cpu(), torch.float32)
 
 
+@pytest.mark.parametrize("name", ["power_ema", "bema"])
+def test_power_ema_and_bema_equal_the_optimizers_averages(name, tmp_path):
+    """The same averager on AveragedModel and on the reference optimizer (tested against the papers' rules in
+    test_power_ema.py and test_bema.py), over the same trajectory; PowerEMA's snapshots are written too."""
+    def make(directory):
+        if name == "power_ema":
+            return fastavg.PowerEMA((0.05, 0.2), snapshot_every=3, snapshot_dir=tmp_path / directory)
+        return fastavg.BEMA(update_freq=2, update_after=1, lag=3)
+
+    model, twin = _model(), _model()
+    ours = fastavg.AveragedModel(model, average=make("ours"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    spec = fastavg.reference.SGD(twin.parameters(), lr=0.05, momentum=0.9, average=make("spec"))
+    for t in range(1, 8):
+        _train_step(model, opt, t)
+        _train_step(twin, spec, t)
+        ours.update_parameters(model)
+    for k in range(ours.average.num_outputs):
+        for a, b in zip(ours.averaged_parameters(k), spec.averaged_parameters(k)):
+            assert_close(a, b, torch.float32)
+    for a, b in zip(ours.module.parameters(), spec.averaged_parameters(0)):
+        assert_close(a, b, torch.float32)
+    if name == "power_ema":
+        ours.average.flush()
+        assert len(list((tmp_path / "ours").iterdir())) == 2 * 2  # steps 3 and 6, two profiles
+
+
 def test_bad_arguments_raise_before_anything_changes():
     model = _model()
     with pytest.raises(ValueError, match="avg_fn or multi_avg_fn"):

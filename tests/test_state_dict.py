@@ -139,7 +139,10 @@ def test_mismatched_state_dict_raises_and_changes_nothing(impl):
     other = impl.AdamW(make_params(7, torch.float32), lr=0.1, average=fastavg.EMA(0.5))
     with pytest.raises(ValueError, match="average="):
         opt.load_state_dict(other.state_dict())
-    wrong_size = impl.AdamW(make_params(5, torch.float32), lr=0.1, average=fastavg.EMA(0.9))
+    wrong_params = make_params(5, torch.float32)
+    wrong_size = impl.AdamW(wrong_params, lr=0.1, average=fastavg.EMA(0.9))
+    set_grads(wrong_params, 0)
+    wrong_size.step()
     with pytest.raises(ValueError, match="elements"):
         opt.load_state_dict(wrong_size.state_dict())
     two_groups = impl.AdamW([{"params": make_params(7, torch.float32)}, {"params": make_params(3, torch.float32)}])

@@ -32,7 +32,13 @@ Methods
       0.99, reaction 0.1 and 1.0, inertia 0 and 0.9): these change the trajectory; their average is
       evaluated;
     - heavy-ball momentum (``momentum_style="heavy_ball"``, learning rate inside the velocity) against
-      torch's form (the learning rate outside), under the same warm-up and schedule: last iterates.
+      torch's form (the learning rate outside), under the same warm-up and schedule: last iterates;
+    - ``PowerEMA((0.05, 0.10))`` (EDM2's power-function EMA) with a snapshot of both profiles at every
+      epoch's end: both profiles, and the EMA of σ_rel 0.20 synthesized post hoc (EDM2's Algorithm 3,
+      ``fastavg.posthoc.synthesize``) from the snapshots up to that epoch;
+    - ``BEMA`` with TRL's defaults but ``update_freq`` 1 (the paper's rule at every step) and one epoch
+      (TRL's default of 400 steps would leave a run of 3024 steps with 7 updates);
+      these three runs do not feed back into training and share the first run's trajectory.
 
     SEMA and BELAY use decay 0.99 because an epoch here is 84 steps: 0.99's horizon (about 100 steps)
     is about one epoch, as in the SEMA paper's setting where the EMA horizon is of the order of an epoch.
@@ -62,6 +68,7 @@ import itertools
 import math
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -186,6 +193,18 @@ SWA_LAST_QUARTER = "SWA, last 25% of steps"
 LAWA_PER_EPOCH = "LAWA k=5, per epoch"
 SEMA_PER_EPOCH = f"SEMA {VARIANT_DECAY}, switch per epoch"
 BELAY_SETTINGS = tuple(itertools.product((0.1, 1.0), (0.0, 0.9)))  # (reaction, inertia)
+POWER_SIGMAS = (0.05, 0.10)
+POSTHOC_SIGMA = 0.20
+BEMA_EVERY_STEP = "BEMA, update every step"
+BEMA_PER_EPOCH = "BEMA, update every epoch"
+
+
+def power_name(sigma_rel: float) -> str:
+    return f"PowerEMA σ_rel {sigma_rel:.2f}"
+
+
+def posthoc_name(sigma_rel: float) -> str:
+    return f"Post-hoc EMA σ_rel {sigma_rel:.2f}"
 
 
 def belay_name(reaction: float, inertia: float) -> str:
@@ -194,10 +213,12 @@ def belay_name(reaction: float, inertia: float) -> str:
 
 @dataclass(frozen=True)
 class Row:
-    """One row of the results: the model's own weights (``average_index=None``) or one of its averages."""
+    """One row of the results: the model's own weights (``average_index=None``), one of its averages, or the
+    EMA of width ``posthoc_sigma`` synthesized from a PowerEMA's snapshots."""
 
     name: str
     average_index: int | None
+    posthoc_sigma: float | None = None
 
 
 @dataclass(frozen=True)
@@ -231,6 +252,12 @@ def training_runs() -> tuple[TrainingRun, ...]:
         ),
         TrainingRun((Row(HEAVY_BALL, None),), lambda per_epoch, total: None, momentum_style="heavy_ball",
                     changes_trajectory=True),
+        TrainingRun((*(Row(power_name(sigma), k) for k, sigma in enumerate(POWER_SIGMAS)),
+                     Row(posthoc_name(POSTHOC_SIGMA), None, POSTHOC_SIGMA)),
+                    lambda per_epoch, total: fastavg.PowerEMA(POWER_SIGMAS, snapshot_every=per_epoch,
+                                                              snapshot_dir=tempfile.mkdtemp(prefix="digits-phema-"))),
+        TrainingRun((Row(BEMA_EVERY_STEP, 0),), lambda per_epoch, total: fastavg.BEMA(update_freq=1)),
+        TrainingRun((Row(BEMA_PER_EPOCH, 0),), lambda per_epoch, total: fastavg.BEMA(update_freq=per_epoch)),
     )
 
 
@@ -266,6 +293,21 @@ def batchnorm_recomputed(model: nn.Module, images: torch.Tensor):
 
 
 @torch.no_grad()
+@contextlib.contextmanager
+def weights_swapped(model: nn.Module, weights: list[torch.Tensor]):
+    """Inside the block the model's parameters hold ``weights``; its own come back on exit."""
+    own = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p, w in zip(model.parameters(), weights):
+            p.copy_(w)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, w in zip(model.parameters(), own):
+                p.copy_(w)
+
+
 def class_probabilities(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     model.eval()
     return F.softmax(model(images), dim=1)
@@ -321,7 +363,20 @@ def train(run: TrainingRun, data: DigitsSplit, train_labels: torch.Tensor, seed:
         optimizer, warmup_cosine(round(config.warmup_fraction * total_steps), total_steps))
     batch_order = torch.Generator().manual_seed(seed)
     outcomes = {row.name: SeedOutcome([], torch.empty(0)) for row in run.rows}
-    for _ in range(config.epochs):
+    try:
+        _train_epochs(model, optimizer, schedule, run, data, train_labels, config, batch_order, outcomes)
+    finally:
+        snapshot_dir = getattr(optimizer.average, "snapshot_dir", None)
+        if snapshot_dir is not None:
+            optimizer.average.flush()
+            shutil.rmtree(snapshot_dir)
+    final_weights = torch.cat([p.detach().flatten() for p in model.parameters()])
+    return outcomes, final_weights, optimizer.backends()
+
+
+def _train_epochs(model, optimizer, schedule, run, data, train_labels, config, batch_order, outcomes) -> None:
+    steps_per_epoch = data.train_labels.numel() // config.batch_size
+    for epoch in range(config.epochs):
         model.train()
         order = torch.randperm(data.train_labels.numel(), generator=batch_order)
         for batch in order[: steps_per_epoch * config.batch_size].split(config.batch_size):
@@ -331,15 +386,19 @@ def train(run: TrainingRun, data: DigitsSplit, train_labels: torch.Tensor, seed:
             optimizer.step()
             schedule.step()
         for row in run.rows:
-            if row.average_index is None:
+            if row.posthoc_sigma is not None:
+                optimizer.average.flush()
+                synthesized = fastavg.posthoc.synthesize(optimizer.average.snapshot_dir, row.posthoc_sigma,
+                                                         step=(epoch + 1) * steps_per_epoch)
+                with weights_swapped(model, synthesized), batchnorm_recomputed(model, data.train_images):
+                    probabilities = class_probabilities(model, data.test_images)
+            elif row.average_index is None:
                 probabilities = class_probabilities(model, data.test_images)
             else:
                 with optimizer.swap_average(row.average_index), batchnorm_recomputed(model, data.train_images):
                     probabilities = class_probabilities(model, data.test_images)
             outcomes[row.name].accuracy_per_epoch.append(accuracy(probabilities, data.test_labels))
             outcomes[row.name].probabilities = probabilities
-    final_weights = torch.cat([p.detach().flatten() for p in model.parameters()])
-    return outcomes, final_weights, optimizer.backends()
 
 
 @dataclass
@@ -448,6 +507,13 @@ def claims(epochs: int) -> list[Claim]:
         *(Claim("BELAY improves on EMA", belay_name(*setting), EMA_FAST, ACCURACY) for setting in BELAY_SETTINGS),
         Claim("Heavy-ball momentum under warm-up generalizes better", HEAVY_BALL, LAST_ITERATE, ACCURACY),
         Claim("SWA generalizes better", SWA_LAST_QUARTER, LAST_ITERATE, ACCURACY),
+        *(Claim("Power-function EMA generalizes better", name, LAST_ITERATE, ACCURACY)
+          for name in (*map(power_name, POWER_SIGMAS), posthoc_name(POSTHOC_SIGMA))),
+        Claim("A wider EMA synthesized post hoc beats the tracked profiles", posthoc_name(POSTHOC_SIGMA),
+              power_name(POWER_SIGMAS[-1]), ACCURACY),
+        *(Claim("BEMA generalizes better", bema, LAST_ITERATE, ACCURACY) for bema in (BEMA_EVERY_STEP, BEMA_PER_EPOCH)),
+        *(Claim("BEMA removes EMA's lag early", bema, EMA_SLOW, early_metric(early_epochs(epochs)[0]))
+          for bema in (BEMA_EVERY_STEP, BEMA_PER_EPOCH)),
     ]
 
 
@@ -605,6 +671,9 @@ CAVEATS = (
     ("Verdicts use a 95% t-interval over seeds (n − 1 degrees of freedom): with 5 seeds only large effects are "
      "detected, and the 10 seed pairs behind disagreement are not independent, which makes those intervals "
      "optimistic."),
+    ("PowerEMA, its post-hoc width and BEMA were not tuned. BEMA's β_t = (10 + t)^(−1/2) counts optimizer steps: "
+     "updated every step its EMA spans about √t steps (about 55 at the end), updated every epoch it spans most of "
+     "the run, which under label noise keeps weights from before the noisy labels were memorized."),
     ("Averaged weights get BatchNorm statistics recomputed on the training images; last iterates keep their "
      "running statistics. The noisy labels are fixed per noise level and shared by all seeds, so disagreement "
      "measures the randomness of initialization and batch order only."),
@@ -626,9 +695,13 @@ def protocol_lines(config: StudyConfig, trajectory_check: str) -> list[str]:
         ("- Methods: last iterate, EMA 0.99 and 0.999 (one run with `EMA((0.99, 0.999))`); SWA averaging every step "
          "of the last 25% of steps; LAWA k=5 with one snapshot per epoch; SEMA (decay 0.99, switch at every "
          "epoch's end); BELAY (decay 0.99, reaction 0.1 / 1.0, inertia 0 / 0.9); last iterate with heavy-ball "
-         "momentum (`momentum_style=\"heavy_ball\"`) under the same warm-up and schedule. One optimizer per run; "
-         "the runs of one seed start from the same weights and see the same batches."),
-        ("- Shared trajectory check: the final weights of the last-iterate/EMA, SWA and LAWA runs of each seed were "
+         "momentum (`momentum_style=\"heavy_ball\"`) under the same warm-up and schedule; PowerEMA with σ_rel "
+         f"{POWER_SIGMAS[0]} and {POWER_SIGMAS[1]} (EDM2), snapshotted at every epoch's end, and the EMA of σ_rel "
+         f"{POSTHOC_SIGMA} synthesized from those snapshots (`fastavg.posthoc.synthesize`, EDM2's Algorithm 3) at "
+         "every epoch; BEMA with TRL's defaults (κ 0.5, η 0.2, ρ 10, γ 1) updated every step and every epoch. "
+         "One optimizer per run; the runs of one seed start from the same weights and see the same batches."),
+        ("- Shared trajectory check: the final weights of the last-iterate/EMA, SWA, LAWA, PowerEMA and BEMA runs "
+         "of each seed were "
          f"{trajectory_check}, as they must be (these averagers never feed back into training)."),
         ("- Evaluation after every epoch on the 450 clean test images. Averaged weights are evaluated inside "
          "`opt.swap_average(k)` with BatchNorm statistics recomputed on the training images (the training model's "
