@@ -2,7 +2,7 @@
 # Checks the CUDA backend without a GPU. Exits non-zero on any failure.
 #
 # 1. Compiles every csrc/*.cu with nvcc for sm_80 and sm_90 (+PTX), with torch's half/bfloat16 flags and
-#    setup.py's --fmad=false (floating-point contraction off).
+#    the build's --fmad=false (fastavg/_build.py) (floating-point contraction off).
 # 2. From ptxas (-Xptxas -v): every step kernel of fastavg_cuda.cu is there for both architectures and none
 #    spills registers (no local-memory spill stores or loads).
 # 3. From the SASS (cuobjdump -sass) and the PTX (kept by nvcc --keep): the vector path compiles to 128-bit
@@ -81,7 +81,7 @@ fi
 # switched off; so does this check, so that code relying on them fails here rather than in setup.py.
 torch_nvcc_flags=(-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__
   -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr)
-# setup.py's own nvcc flags (NVCC_FLAGS): contraction off.
+# The build's own nvcc flags (NVCC_FLAGS in fastavg/_build.py): contraction off.
 setup_nvcc_flags=(--fmad=false)
 
 # 1. Compile, keeping the objects and ptxas's report of each kernel.
