@@ -1,4 +1,5 @@
 """Shared test helpers: per-dtype tolerances (the one place they are derived) and small models."""
+import pytest
 import torch
 
 import fastavg
@@ -142,3 +143,23 @@ def assert_same_state(fused, spec, ours, ref, dtype):
         for k in range(spec.average.num_outputs):
             for a, b in zip(fused.averaged_parameters(k), spec.averaged_parameters(k)):
                 assert_close(a, b, dtype)
+
+
+def available(backend):
+    """``backend`` as a pytest parameter, skipped with the reason when it is not available here."""
+    reason = fastavg.backend_status()[backend]
+    return pytest.param(backend, marks=pytest.mark.skipif(bool(reason), reason=reason))
+
+
+# "spec" is fastavg.reference's own optimizer; the others are fastavg's fused optimizer on that backend.
+IMPLS = ["spec", "reference", available("cpu"), available("triton"), available("cuda")]
+
+
+def impl_device(impl):
+    """Where ``impl`` runs: Triton and CUDA on the GPU when there is one (Triton interpreted on CPU tensors
+    without)."""
+    return "cuda" if impl in ("triton", "cuda") and torch.cuda.is_available() else "cpu"
+
+
+def impl_params(impl, layout, dtype, seed=0):
+    return [p.detach().to(impl_device(impl)).requires_grad_() for p in make_params(layout, dtype, seed)]

@@ -15,28 +15,11 @@ import fastavg
 from fastavg import reference
 from fastavg.averaging import RULE_EMA, RULE_NONE
 
-from helpers import make_params, set_grads
+from helpers import IMPLS, impl_device, impl_params, make_params, set_grads
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-def _available(backend):
-    reason = fastavg.backend_status()[backend]
-    return pytest.param(backend, marks=pytest.mark.skipif(bool(reason), reason=reason))
-
-
-# "spec" is fastavg.reference's own optimizer; the others are fastavg's fused optimizer on that backend.
-IMPLS = ["spec", "reference", _available("cpu"), _available("triton"), _available("cuda")]
-
-
-def _device(impl):
-    """Where ``impl`` runs: Triton and CUDA on the GPU when there is one (Triton interpreted on CPU tensors
-    without)."""
-    return "cuda" if impl in ("triton", "cuda") and torch.cuda.is_available() else "cpu"
-
-
-def _params(impl, layout, dtype, seed=0):
-    return [p.detach().to(_device(impl)).requires_grad_() for p in make_params(layout, dtype, seed)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # TRL's defaults but a short update_freq; with update_after > 0 (θ₀ taken mid-run) and with a floor on β.
 CONFIGS = {
@@ -81,7 +64,7 @@ def _build(impl, params, average):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_matches_a_float64_transcription_of_trls_rule(impl, dtype, config):
-    params = _params(impl, 33, dtype) + _params(impl, 7, dtype, seed=1)
+    params = impl_params(impl, 33, dtype) + impl_params(impl, 7, dtype, seed=1)
     opt = _build(impl, params, fastavg.BEMA(**CONFIGS[config]))
     spec = _Transcription([p.detach() for p in params], **CONFIGS[config])
     for step in range(1, STEPS + 1):
@@ -113,11 +96,11 @@ class _Tiny(torch.nn.Module):
 def test_matches_trls_bema_callback(impl, config):
     callbacks = pytest.importorskip("trl.trainer.callbacks")
     torch.manual_seed(0)
-    model = _Tiny(types.SimpleNamespace()).to(_device(impl))
+    model = _Tiny(types.SimpleNamespace()).to(impl_device(impl))
     opt = _build(impl, list(model.parameters()), fastavg.BEMA(**CONFIGS[config]))
     callback = callbacks.BEMACallback(**CONFIGS[config])
     callback.on_train_begin(None, None, None, model=model)
-    x = torch.randn(32, 13, device=_device(impl))
+    x = torch.randn(32, 13, device=impl_device(impl))
     for step in range(1, STEPS + 1):
         model(x).square().mean().backward()
         opt.step()

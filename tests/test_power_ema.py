@@ -16,30 +16,13 @@ import fastavg
 from fastavg import posthoc, reference
 from fastavg.averaging import sigma_rel_to_gamma
 
-from helpers import make_params, set_grads
+from helpers import IMPLS, impl_device, impl_params, make_params, set_grads
 
 SIGMAS = (0.05, 0.1, 0.2)
 STEPS = 60
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-def _available(backend):
-    reason = fastavg.backend_status()[backend]
-    return pytest.param(backend, marks=pytest.mark.skipif(bool(reason), reason=reason))
-
-
-# "spec" is fastavg.reference's own optimizer; the others are fastavg's fused optimizer on that backend.
-IMPLS = ["spec", "reference", _available("cpu"), _available("triton"), _available("cuda")]
-
-
-def _device(impl):
-    """Where ``impl`` runs: Triton and CUDA on the GPU when there is one (Triton interpreted on CPU tensors
-    without)."""
-    return "cuda" if impl in ("triton", "cuda") and torch.cuda.is_available() else "cpu"
-
-
-def _params(impl, layout, dtype, seed=0):
-    return [p.detach().to(_device(impl)).requires_grad_() for p in make_params(layout, dtype, seed)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -83,7 +66,7 @@ def test_weights_are_one_minus_beta_and_the_first_step_copies():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_profiles_match_a_float64_transcription(impl, dtype):
-    params = _params(impl, 33, dtype) + _params(impl, 7, dtype, seed=1)
+    params = impl_params(impl, 33, dtype) + impl_params(impl, 7, dtype, seed=1)
     opt = _build(impl, params, fastavg.PowerEMA(SIGMAS))
     thetas = []
     for step in range(STEPS):
@@ -99,7 +82,7 @@ def test_profiles_match_a_float64_transcription(impl, dtype):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_snapshots_hold_the_profiles_and_their_header(impl, tmp_path):
-    params = _params(impl, "many", torch.float32)[:20]
+    params = impl_params(impl, "many", torch.float32)[:20]
     average = fastavg.PowerEMA(SIGMAS[:2], snapshot_every=3, snapshot_dir=tmp_path)
     opt = _build(impl, params, average)
     expected = {}
@@ -122,7 +105,7 @@ def test_snapshots_hold_the_profiles_and_their_header(impl, tmp_path):
 
 
 def _train_with_snapshots(tmp_path, steps=40, every=4, impl="spec"):
-    params = _params(impl, 17, torch.float32) + _params(impl, 5, torch.float32, seed=1)
+    params = impl_params(impl, 17, torch.float32) + impl_params(impl, 5, torch.float32, seed=1)
     average = fastavg.PowerEMA(SIGMAS[:2], snapshot_every=every, snapshot_dir=tmp_path)
     opt = _build(impl, params, average)
     for step in range(steps):
