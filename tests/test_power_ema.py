@@ -16,7 +16,7 @@ import fastavg
 from fastavg import posthoc, reference
 from fastavg.averaging import sigma_rel_to_gamma
 
-from helpers import IMPLS, impl_device, impl_params, make_params, set_grads
+from helpers import IMPLS, impl_params, make_params, set_grads
 
 SIGMAS = (0.05, 0.1, 0.2)
 STEPS = 60
