@@ -1,6 +1,5 @@
 """fastavg.AveragedModel against independent oracles: torch's AveragedModel, timm's ModelEmaV3, ema-pytorch's
 EMA and the averaging equations in float64, with the model trained by optimizers fastavg does not implement."""
-import copy
 import importlib.util
 import os
 import warnings

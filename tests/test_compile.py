@@ -1,5 +1,4 @@
 """torch.compile of a whole training step (forward, backward, opt.step(), zero_grad()) with fastavg's optimizer."""
-import pytest
 import torch
 import torch._dynamo as dynamo
 
