@@ -780,7 +780,8 @@ def load_average() -> float | None:
 
 def headline(rows: list[Row], device_name: str, smoke: bool = False, quick: bool = False,
              baseline: str = _TORCH_BEST, baseline_words: str | None = None,
-             baseline_short: str = "torch's best", load: float | None = None) -> str:
+             baseline_short: str = "torch's best", load: float | None = None,
+             subject: str = "fastavg's fused step") -> str:
     """The result of the run in a few lines: what was compared, on what, the speedup, the share of the limit.
 
     ``load``: the highest 1-minute load average seen during the run; above the number of CPUs the headline
@@ -798,7 +799,7 @@ def headline(rows: list[Row], device_name: str, smoke: bool = False, quick: bool
     groups: dict = {}
     for r in rows:
         groups.setdefault((r.layout, r.numel, r.tensors, r.dtype), {}).setdefault(r.config, {})[r.impl] = r
-    lines = [f"Result on {device_name}: fastavg's fused step against {baseline_words}:"]
+    lines = [f"Result on {device_name}: {subject} against {baseline_words}:"]
     above_limit = False
     for (layout, numel, tensors, dtype), configs in groups.items():
         lines.append(f"  {describe_layout(layout, tensors)}, {_human(numel)} parameters, {dtype}:")
@@ -829,7 +830,7 @@ def headline(rows: list[Row], device_name: str, smoke: bool = False, quick: bool
                 text += f"; streaming limit {'unavailable' if probe is not None else 'not measured'}"
             lines.append(text)
     if above_limit:
-        lines.append("  Above 100%: the fused step ran faster than the probe's loop over the same streams (a better "
+        lines.append("  Above 100%: fastavg ran faster than the probe's loop over the same streams (a better "
                      "loop, or the machine's speed changed between them); read it as 'at the limit'.")
     if quick:
         lines.append("  --quick: one round of a few steps; rerun without --quick before quoting these numbers.")
@@ -1087,6 +1088,16 @@ def device_name(device) -> str:
     return f"CPU{' ' + model if model else ''} ({threads} thread{'s' if threads != 1 else ''})"
 
 
+def backend_words(backends: list[str], status: dict, device) -> str:
+    """The fastavg backends timed, for the title; the reference alone is said loudly, with why and the fix."""
+    if backends != ["reference"]:
+        return f"fastavg backend{'s' if len(backends) > 1 else ''}: {', '.join(backends)}"
+    compiled = ("cpu",) if device.type == "cpu" else ("triton", "cuda")
+    reasons = "; ".join(f"{b}: {status[b]}" for b in compiled if status.get(b))
+    return (f"fastavg backend: reference ONLY (pure torch, slow: no compiled backend is available; {reasons}; "
+            f"`python -m fastavg` says how to fix it)")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog=_prog(argv), description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1169,7 +1180,8 @@ def main(argv=None) -> None:
                rounds=1 if args.quick else 3, limit=not args.no_limit)
     loads = [x for x in (load_before, load_average()) if x is not None]
     name = device_name(device)
-    title = f"fastavg {fastavg.__version__}, torch {torch.__version__}, {name}"
+    title = (f"fastavg {fastavg.__version__}, torch {torch.__version__}, {name}, "
+             f"{backend_words(backends, status, device)}")
     if args.smoke:
         title = f"SMOKE TEST (not a result): {title}"
     print(f"\n{title}\n")
@@ -1197,14 +1209,18 @@ def _main_averaged_model(args, device) -> None:
                                    progress=lambda line: print(line, file=sys.stderr, flush=True),
                                    rounds=1 if args.quick else 3, limit=not args.no_limit)
     name = device_name(device)
-    title = f"fastavg {fastavg.__version__}, torch {torch.__version__}, {name}"
+    status = fastavg.backend_status()
+    backend = next((b for b in ("triton", "cuda", "cpu") if not status[b] and (b == "cpu") == (device.type == "cpu")),
+                   "reference")
+    title = (f"fastavg {fastavg.__version__}, torch {torch.__version__}, {name}, "
+             f"{backend_words([backend], status, device)}")
     print(f"\n{'SMOKE TEST (not a result): ' if args.smoke else ''}{title}\n")
     print(format_averaged_model_table(rows, claims=not args.smoke))
     print()
     print(headline(rows, name, smoke=args.smoke, quick=args.quick and not args.smoke,
                    baseline=_TORCH_AVERAGED_MODEL,
                    baseline_words="torch.optim.swa_utils.AveragedModel (one EMA update_parameters, no optimizer step)",
-                   baseline_short="torch AveragedModel",
+                   baseline_short="torch AveragedModel", subject="fastavg.AveragedModel's fused update",
                    load=max(x for x in (load_before, load_average(), 0.0) if x is not None)))
     if args.csv:
         _write_csv(rows, args.csv)

@@ -70,7 +70,7 @@ def test_smoke_run_is_labelled_and_claims_nothing(capsys, one_thread):
     bench.main(["--smoke", "--optimizers", "adamw", "--averagers", "ema", "--layouts", "large", "--no-reference"])
     out, err = capsys.readouterr()
     assert err.startswith("SMOKE TEST")
-    assert "SMOKE TEST (not a result)" in out
+    assert "SMOKE TEST (not a result)" in out and ", fastavg backend: cpu\n" in out
     table = [line for line in out.splitlines() if line.startswith("| AdamW")]
     assert {line.split("|")[4].strip() for line in table} == {"0.2M"}
     impls = {line.split("|")[6].strip() for line in table}
@@ -144,6 +144,22 @@ def test_headline_states_speedup_and_fraction_of_the_limit():
     bench._relate(no_probe, "torch best + foreach")
     assert "1.00x faster" in bench.headline(list(no_probe.values()), "CPU")
     assert "streaming limit not measured" in bench.headline(list(no_probe.values()), "CPU")
+
+
+def test_title_says_loudly_when_only_the_reference_ran():
+    status = {"reference": "", "cpu": "the extension did not build (no compiler)", "cuda": "no GPU", "triton": "no GPU"}
+    words = bench.backend_words(["reference"], status, torch.device("cpu"))
+    assert words.startswith("fastavg backend: reference ONLY (pure torch, slow")
+    assert "cpu: the extension did not build (no compiler)" in words and "no GPU" not in words
+    assert bench.backend_words(["triton", "cuda"], status, torch.device("cuda")) == "fastavg backends: triton, cuda"
+
+
+def test_averaged_model_headline_names_the_update():
+    group = _group({"fastavg.AveragedModel": 1.0, "torch AveragedModel": 2.0})
+    bench._relate(group, "torch AveragedModel")
+    text = bench.headline(list(group.values()), "CPU", baseline="torch AveragedModel",
+                          subject="fastavg.AveragedModel's fused update")
+    assert text.startswith("Result on CPU: fastavg.AveragedModel's fused update against")
 
 
 def test_probe_streams_are_the_bytes_the_step_is_credited_with():
