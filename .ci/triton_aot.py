@@ -7,7 +7,8 @@ Exits non-zero on any violation (or when nothing could be compiled); prints one 
 What is compiled. The launches are not listed by hand: the three op wrappers of :mod:`fastavg._triton`
 (``_adam_step_``, ``_sgd_step_``, ``_average_``) are called on meta tensors over the product of every argument that
 reaches them (parameter dtype, each optimizer flag and state size, averaging rule, number and dtypes of average
-buffers, switch), with the kernel launch captured instead of run. Calls a wrapper rejects are not launches; the
+buffers, switch, GradScaler's ``grad_scale``/``found_inf`` present or not -- which must not change the kernel), with
+the kernel launch captured instead of run. Calls a wrapper rejects are not launches; the
 accepted ones are told apart by Triton's own launch binder (the ``specialization`` it computes from the arguments: the
 constexprs, which pointers are None, the argument types and their 16-byte alignment), so two calls are one kernel
 exactly when a real launch would reuse the compiled kernel. Each distinct launch is then compiled with
@@ -36,7 +37,9 @@ What is asserted, per kernel:
 * the global bytes per element of the aligned loop, summed over its accesses, are at most the minimum of the
   configuration (``minimum_bytes``)::
 
-      minimum = 2 P                 the parameter, read and written  (P = 4, 2, 2 bytes for fp32, bf16, fp16)
+      minimum = 2 P                 the parameter, read and written  (P = 4, 2, 2 bytes for fp32, bf16, fp16);
+                                    P only (read) for averaging alone without BELAY or a switch, which never
+                                    stores the parameter (the aligned loop must then hold no store into it)
               + P                   the gradient, read (a step op, not average_)
               + 8 x (fp32 buffers read and written: optimizer state, averages, BELAY velocity, LAWA sum)
               + 4 x (fp32 buffers only read: the average a plain switch copies into the parameter)
@@ -71,6 +74,7 @@ IGNORED_ENV = ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION", "TRITON_FORCE_DIS
 
 OPTIMIZER_NAMES = {0: "none", 1: "sgd", 2: "heavy_ball", 3: "adam"}
 RULE_NAMES = {0: "none", 1: "ema", 2: "belay", 3: "lawa"}
+RULE_BELAY = 2  # fastavg.averaging.RULE_BELAY
 STREAMS = ["param", "grad", "state_0", "state_1", "state_2"] + [f"average_{k}" for k in range(8)] + [
     "average_velocity", "lawa_sum", "lawa_ring_slot"]
 PARAM_DTYPE_STREAMS = {"param", "grad", "lawa_ring_slot"}
@@ -98,7 +102,10 @@ def _op_calls():
            for nesterov, maximize, heavy_ball in itertools.product((False, True), repeat=3)]
     average = [dict(op="average_")]
     for dtype, opt, avg in itertools.product(dtypes, adam + sgd + average, averaging):
-        yield dict(opt, dtype=dtype, **avg)
+        # GradScaler's grad_scale and found_inf (the step ops take both, average_ found_inf): the same kernels must
+        # serve calls with and without them (``launches`` asserts it), so they add calls but no kernel.
+        for scaler in (False, True):
+            yield dict(opt, dtype=dtype, scaler=scaler, **avg)
 
 
 _META = {}
@@ -144,18 +151,21 @@ def _run_op(call):
     lr, step, weights = _meta(torch.float32, 1), _meta(torch.float32, 1, 1), _meta(torch.float32, 16)
     _Capture.launch = None
     averaging = (call["average_rule"], 0.5, 0.25, call["switch"])
+    scaler = dict(found_inf=_meta(torch.float32, (), 21)) if call["scaler"] else {}
+    if call["scaler"] and call["op"] != "average_":
+        scaler.update(grad_scale=_meta(torch.float32, (), 20))
     wrap_triton, _triton.wrap_triton = _triton.wrap_triton, _Capture
     try:
         if call["op"] == "adam_step_":
             _triton._adam_step_(params, grads, segments, [flat(k) for k in range(call["state"])], average_state, lr,
                                 step, weights, 0.9, 0.999, 1e-8, call["weight_decay"], call["decoupled_weight_decay"],
-                                call["amsgrad"], call["maximize"], *averaging)
+                                call["amsgrad"], call["maximize"], *averaging, **scaler)
         elif call["op"] == "sgd_step_":
             _triton._sgd_step_(params, grads, segments, [flat(k) for k in range(call["state"])], average_state, lr,
                                step, weights, call["momentum"], call["dampening"], call["weight_decay"],
-                               call["nesterov"], call["maximize"], call["heavy_ball"], *averaging)
+                               call["nesterov"], call["maximize"], call["heavy_ball"], *averaging, **scaler)
         else:
-            _triton._average_(params, segments, average_state, weights, *averaging)
+            _triton._average_(params, segments, average_state, weights, *averaging, **scaler)
     except RuntimeError:
         return None  # the wrapper rejects these arguments: no launch
     finally:
@@ -197,7 +207,7 @@ def _specialization(kernel, kwargs):
 def launches(only=None):
     """``[(name, call)]``: one op call per distinct kernel, with the number of op calls tried and accepted."""
     _use_driver(ARCHS[0])
-    seen, tried, accepted = {}, 0, 0
+    seen, scaled, tried, accepted = {}, set(), 0, 0
     for call in _op_calls():
         tried += 1
         launch = _run_op(call)
@@ -206,8 +216,11 @@ def launches(only=None):
         accepted += 1
         kernel, kwargs = launch
         key = _specialization(kernel, kwargs)
-        if key not in seen:
+        if call["scaler"]:
+            scaled.add(key)
+        elif key not in seen:
             seen[key] = (config_name(kwargs), call)
+    assert scaled and scaled <= set(seen), "GradScaler's tensors change which kernel a step compiles to"
     names = [name for name, _ in seen.values()]
     assert len(set(names)) == len(names), "two distinct kernels share a name: config_name misses a constexpr"
     selected = [(name, call) for name, call in seen.values() if only is None or re.search(only, name)]
@@ -228,9 +241,12 @@ def config_name(kwargs):
 
 def expected_streams(kwargs):
     """``{stream: (element bytes, read, written)}`` of a launch: the pointers its op passes, and what the step does
-    with each (the parameter is always read and written; a plain switch only reads its average)."""
+    with each (the parameter is always read, and written only when the step can change it -- an optimizer, BELAY or
+    a switch: averaging alone with EMA, SWA, LAWA or no rule leaves it unwritten; a plain switch only reads its
+    average)."""
     param_bytes = kwargs["DTYPE"].primitive_bitwidth // 8
-    streams = {"param": (param_bytes, True, True)}
+    writes_param = kwargs["OPTIMIZER"] != 0 or kwargs["AVERAGE_RULE"] == RULE_BELAY or bool(kwargs["SWITCH"])
+    streams = {"param": (param_bytes, True, writes_param)}
     if kwargs["OPTIMIZER"] != 0:
         streams["grad"] = (param_bytes, True, False)
     for name in STREAMS[2:]:
@@ -481,6 +497,11 @@ def analyse(row, kernel, kwargs, compiled, ptxas_log):
             bad(f"aligned path: {got_st} vector stores into {stream}, expected {vectors * written}")
     row.update(loads=loads, stores=stores, expected_loads=expected_loads, expected_stores=expected_stores,
                elided=elided)
+    # A parameter the step cannot change (averaging alone without BELAY or a switch) is never stored, on any path.
+    if not streams["param"][2]:
+        param_stores = [a for a in accesses if a["kind"] == "st" and a["stream"] == "param"]
+        if param_stores:
+            bad(f"{len(param_stores)} stores into param, which this step never changes")
     outside = [a for a in accesses if a["loop"] != aligned and a["vector"]]
     if outside:
         bad(f"{len(outside)} vector accesses outside the aligned loop")

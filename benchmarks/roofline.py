@@ -33,7 +33,10 @@ CONFIGURATIONS = [
     ("fp32/adam/belay+vel", "AdamW + BELAY", None),
     ("fp32/adam/lawa", "AdamW + LAWA", None),
     ("fp32/sgd+mom/emax1", "SGD momentum + EMA", 5 + 3),
-    ("fp32/none/emax1", "average_ alone: EMA", 3),
+    # Averaging alone (fastavg.AveragedModel) reads θ and never writes it: 12 B per fp32 parameter, as torch's lerp.
+    ("fp32/none/emax1", "average_ alone: EMA (AveragedModel)", 3),
+    ("fp32/none/emax2", "average_ alone: 2 EMAs", 6),
+    ("fp32/none/lawa", "average_ alone: LAWA snapshot", None),
     ("bf16/adam/emax1", "AdamW + EMA, bf16 parameters (fp32 state and average)", 7 + 3),
     ("bf16/sgd+mom/emax1", "SGD momentum + EMA, bf16 parameters", 5 + 3),
 ]

@@ -132,14 +132,20 @@ FASTAVG_CUDA_HD float sgd_rule(float param, float grad, float* momentum_buffer, 
   }
 }
 
-// The optimizer rule on the N elements of a pack: their new θ, rounded to the parameter dtype. `first`
-// indexes the row's param and grad, `at` the flat buffers. Optional state (momentum buffer;
-// max_exp_avg_sq, which turns amsgrad on) is chosen by a branch around the loop rather than a per-element
-// null pointer, so that every pack stays in registers.
+// A gradient element in fp32, unscaled: times 1/GradScaler's scale (1 without one, which is exact).
+template <typename T>
+FASTAVG_CUDA_HD float unscaled(T grad, float inv_grad_scale) {
+  return to_float(grad) * inv_grad_scale;
+}
+
+// The optimizer rule on the N elements of a pack: their new θ, rounded to the parameter dtype (the gradient is
+// unscaled in registers, never written back). `first` indexes the row's param and grad, `at` the flat buffers.
+// Optional state (momentum buffer; max_exp_avg_sq, which turns amsgrad on) is chosen by a branch around the loop
+// rather than a per-element null pointer, so that every pack stays in registers.
 template <Optimizer O, typename T, int N>
 FASTAVG_CUDA_HD void optimizer_pack(float (&theta)[N], const Pack<T, N>& param, const Row<T>& row,
-                                    const StepBuffers& b, const StepConfig& c, const StepScalars& s, int64_t first,
-                                    int64_t at) {
+                                    const StepBuffers& b, const StepConfig& c, const StepScalars& s,
+                                    float inv_grad_scale, int64_t first, int64_t at) {
   if constexpr (O == Optimizer::none) {
 #pragma unroll
     for (int j = 0; j < N; ++j) theta[j] = to_float(param.value[j]);
@@ -152,15 +158,15 @@ FASTAVG_CUDA_HD void optimizer_pack(float (&theta)[N], const Pack<T, N>& param, 
         Pack<float, N> max_exp_avg_sq = load<N>(b.optimizer_state[2], at);
 #pragma unroll
         for (int j = 0; j < N; ++j) {
-          theta[j] = round_to<T>(adam_rule(to_float(param.value[j]), to_float(grad.value[j]), &exp_avg.value[j],
-                                           &exp_avg_sq.value[j], &max_exp_avg_sq.value[j], c, s));
+          theta[j] = round_to<T>(adam_rule(to_float(param.value[j]), unscaled(grad.value[j], inv_grad_scale),
+                                           &exp_avg.value[j], &exp_avg_sq.value[j], &max_exp_avg_sq.value[j], c, s));
         }
         store(b.optimizer_state[2], at, max_exp_avg_sq);
       } else {
 #pragma unroll
         for (int j = 0; j < N; ++j) {
-          theta[j] = round_to<T>(adam_rule(to_float(param.value[j]), to_float(grad.value[j]), &exp_avg.value[j],
-                                           &exp_avg_sq.value[j], nullptr, c, s));
+          theta[j] = round_to<T>(adam_rule(to_float(param.value[j]), unscaled(grad.value[j], inv_grad_scale),
+                                           &exp_avg.value[j], &exp_avg_sq.value[j], nullptr, c, s));
         }
       }
       store(b.optimizer_state[0], at, exp_avg);
@@ -168,14 +174,15 @@ FASTAVG_CUDA_HD void optimizer_pack(float (&theta)[N], const Pack<T, N>& param, 
     } else if (b.optimizer_state[0] == nullptr) {
 #pragma unroll
       for (int j = 0; j < N; ++j) {
-        theta[j] = round_to<T>(sgd_rule<O>(to_float(param.value[j]), to_float(grad.value[j]), nullptr, c, s));
+        theta[j] = round_to<T>(
+            sgd_rule<O>(to_float(param.value[j]), unscaled(grad.value[j], inv_grad_scale), nullptr, c, s));
       }
     } else {
       Pack<float, N> momentum_buffer = load<N>(b.optimizer_state[0], at);
 #pragma unroll
       for (int j = 0; j < N; ++j) {
-        theta[j] = round_to<T>(
-            sgd_rule<O>(to_float(param.value[j]), to_float(grad.value[j]), &momentum_buffer.value[j], c, s));
+        theta[j] = round_to<T>(sgd_rule<O>(to_float(param.value[j]), unscaled(grad.value[j], inv_grad_scale),
+                                           &momentum_buffer.value[j], c, s));
       }
       store(b.optimizer_state[0], at, momentum_buffer);
     }
@@ -238,15 +245,15 @@ FASTAVG_CUDA_HD void average_pack(float (&theta)[N], float (&average0)[N], const
 }
 
 // One step on the N elements of a row from `first`: optimizer rule, averaging, optional switch, θ stored
-// once.
+// once (or not at all when nothing changes it: writes_param).
 template <Optimizer O, AverageRule R, typename T, int N>
 FASTAVG_CUDA_HD void step_pack(const Row<T>& row, const StepBuffers& b, const StepConfig& c, const StepScalars& s,
-                               const float (&weights)[kMaxAverages], int64_t first) {
+                               float inv_grad_scale, const float (&weights)[kMaxAverages], int64_t first) {
   const int64_t at = row.offset + first;
   Pack<T, N> param = load<N>(row.param, first);
   float theta[N];
   float average0[N];
-  optimizer_pack<O>(theta, param, row, b, c, s, first, at);
+  optimizer_pack<O>(theta, param, row, b, c, s, inv_grad_scale, first, at);
   average_pack<R, T>(theta, average0, b, c, weights, at);
   // A LAWA snapshot step never switches (the op refuses it).
   if constexpr (R != AverageRule::lawa) {
@@ -262,9 +269,14 @@ FASTAVG_CUDA_HD void step_pack(const Row<T>& row, const StepBuffers& b, const St
       for (int j = 0; j < N; ++j) theta[j] = switch_rule(average0[j]);
     }
   }
+  // θ is stored only when the step can change it: averaging alone (EMA, SWA, LAWA, no rule, without a switch)
+  // leaves the parameter's memory unwritten. Uniform per launch (a template argument or c.switch_to_average);
+  // for a LAWA snapshot, which never switches, there is no parameter store in the kernel at all.
+  if (writes_param(O, R, R != AverageRule::lawa && c.switch_to_average)) {
 #pragma unroll
-  for (int j = 0; j < N; ++j) param.value[j] = from_float<T>(theta[j]);
-  store(row.param, first, param);
+    for (int j = 0; j < N; ++j) param.value[j] = from_float<T>(theta[j]);
+    store(row.param, first, param);
+  }
 }
 
 FASTAVG_CUDA_HD uintptr_t address_bits(const void* pointer) { return reinterpret_cast<uintptr_t>(pointer); }
@@ -291,20 +303,20 @@ FASTAVG_CUDA_HD bool is_vector_aligned(const Row<T>& row, const StepBuffers& b) 
 // take consecutive packs (then elements), so that a warp's accesses coalesce.
 template <Optimizer O, AverageRule R, typename T>
 FASTAVG_CUDA_HD void step_row(const Segment& segment, const StepBuffers& b, const StepConfig& c,
-                              const StepScalars& s, const float (&weights)[kMaxAverages], int64_t lane,
-                              int64_t lanes) {
+                              const StepScalars& s, float inv_grad_scale, const float (&weights)[kMaxAverages],
+                              int64_t lane, int64_t lanes) {
   constexpr int kPackElements = kVectorBytes / sizeof(T);
   const Row<T> row = row_of<T>(segment);
   int64_t scalar_first = 0;  // where the elements taken one at a time begin
   if (is_vector_aligned(row, b)) {
     const int64_t num_packs = row.numel / kPackElements;
     for (int64_t pack = lane; pack < num_packs; pack += lanes) {
-      step_pack<O, R, T, kPackElements>(row, b, c, s, weights, pack * kPackElements);
+      step_pack<O, R, T, kPackElements>(row, b, c, s, inv_grad_scale, weights, pack * kPackElements);
     }
     scalar_first = num_packs * kPackElements;
   }
   for (int64_t element = scalar_first + lane; element < row.numel; element += lanes) {
-    step_pack<O, R, T, 1>(row, b, c, s, weights, element);
+    step_pack<O, R, T, 1>(row, b, c, s, inv_grad_scale, weights, element);
   }
 }
 
@@ -320,7 +332,10 @@ __global__ void __launch_bounds__(kThreadsPerBlock) step_kernel(const StepBuffer
   // sees their values at replay. One thread per block derives the step scalars (fp64 pow) for all.
   __shared__ StepScalars shared_scalars;
   __shared__ float shared_weights[kMaxAverages];
+  __shared__ bool shared_skip;
   if (threadIdx.x == 0) {
+    // GradScaler found an inf or NaN: the whole block returns below, having changed nothing.
+    shared_skip = skip_step(b.found_inf);
     if constexpr (O == Optimizer::none) {
       shared_scalars = StepScalars{};
     } else {
@@ -330,7 +345,10 @@ __global__ void __launch_bounds__(kThreadsPerBlock) step_kernel(const StepBuffer
     for (int k = 0; k < kMaxAverages; ++k) shared_weights[k] = k < count ? b.average_weights[k] : 0.f;
   }
   __syncthreads();
+  if (shared_skip) return;  // uniform across the block, after the barrier
   const StepScalars s = shared_scalars;
+  // GradScaler's 1/scale: every thread reads the same value (one broadcast load per warp), none without a scale.
+  const float inv_grad_scale = O == Optimizer::none ? 1.f : inverse_grad_scale(b.inv_grad_scale);
   float weights[kMaxAverages];
 #pragma unroll
   for (int k = 0; k < kMaxAverages; ++k) weights[k] = shared_weights[k];
@@ -338,7 +356,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock) step_kernel(const StepBuffer
   for (int64_t index = blockIdx.x; index < b.num_segments; index += gridDim.x) {
     // Every thread of the block reads the same 32 bytes: one broadcast load per warp.
     const Segment segment = b.segments[index];
-    step_row<O, R, T>(segment, b, c, s, weights, threadIdx.x, blockDim.x);
+    step_row<O, R, T>(segment, b, c, s, inv_grad_scale, weights, threadIdx.x, blockDim.x);
   }
 }
 

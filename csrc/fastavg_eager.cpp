@@ -8,6 +8,7 @@
 // from C++ (the ADInplaceOrView fallback bumps the parameters' version counters, as for torch.optim).
 #include <torch/extension.h>
 
+#include <optional>
 #include <vector>
 
 namespace {
@@ -44,35 +45,40 @@ void adam_step(const std::vector<at::Tensor>& params, const at::Tensor& segments
                const std::vector<at::Tensor>& optimizer_state, const std::vector<at::Tensor>& average_state,
                const at::Tensor& lr, const at::Tensor& step, const at::Tensor& average_weights, double beta1,
                double beta2, double eps, double weight_decay, bool decoupled_weight_decay, bool amsgrad,
-               bool maximize, int64_t average_rule, double reaction, double inertia, bool switch_to_average) {
+               bool maximize, int64_t average_rule, double reaction, double inertia, bool switch_to_average,
+               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastavg::adam_step_", "").typed<void(
       at::TensorList, at::TensorList, const at::Tensor&, at::TensorList, at::TensorList, const at::Tensor&,
       const at::Tensor&, const at::Tensor&, double, double, double, double, bool, bool, bool, int64_t, double,
-      double, bool)>();
+      double, bool, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
   op.call(params, grads_of(params), segments, optimizer_state, average_state, lr, step, average_weights, beta1, beta2,
           eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, average_rule, reaction, inertia,
-          switch_to_average);
+          switch_to_average, grad_scale, found_inf);
 }
 
 void sgd_step(const std::vector<at::Tensor>& params, const at::Tensor& segments,
               const std::vector<at::Tensor>& optimizer_state, const std::vector<at::Tensor>& average_state,
               const at::Tensor& lr, const at::Tensor& step, const at::Tensor& average_weights, double momentum,
               double dampening, double weight_decay, bool nesterov, bool maximize, bool heavy_ball,
-              int64_t average_rule, double reaction, double inertia, bool switch_to_average) {
+              int64_t average_rule, double reaction, double inertia, bool switch_to_average,
+              const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastavg::sgd_step_", "").typed<void(
       at::TensorList, at::TensorList, const at::Tensor&, at::TensorList, at::TensorList, const at::Tensor&,
       const at::Tensor&, const at::Tensor&, double, double, double, bool, bool, bool, int64_t, double, double,
-      bool)>();
+      bool, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
   op.call(params, grads_of(params), segments, optimizer_state, average_state, lr, step, average_weights, momentum,
-          dampening, weight_decay, nesterov, maximize, heavy_ball, average_rule, reaction, inertia, switch_to_average);
+          dampening, weight_decay, nesterov, maximize, heavy_ball, average_rule, reaction, inertia, switch_to_average,
+          grad_scale, found_inf);
 }
 
 void average(const std::vector<at::Tensor>& params, const at::Tensor& segments,
              const std::vector<at::Tensor>& average_state, const at::Tensor& average_weights, int64_t average_rule,
-             double reaction, double inertia, bool switch_to_average) {
+             double reaction, double inertia, bool switch_to_average, const std::optional<at::Tensor>& found_inf) {
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastavg::average_", "").typed<void(
-      at::TensorList, const at::Tensor&, at::TensorList, const at::Tensor&, int64_t, double, double, bool)>();
-  op.call(params, segments, average_state, average_weights, average_rule, reaction, inertia, switch_to_average);
+      at::TensorList, const at::Tensor&, at::TensorList, const at::Tensor&, int64_t, double, double, bool,
+      const std::optional<at::Tensor>&)>();
+  op.call(params, segments, average_state, average_weights, average_rule, reaction, inertia, switch_to_average,
+          found_inf);
 }
 
 }  // namespace
@@ -95,7 +101,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastavg's compiled kernels (registered as torch.ops.fastavg) and the eager step path";
   m.attr("built_against_torch") = FASTAVG_TORCH_VERSION_STRING;
   m.def("addresses_match", &addresses_match);
-  m.def("adam_step_", &adam_step);
-  m.def("sgd_step_", &sgd_step);
-  m.def("average_", &average);
+  // grad_scale and found_inf (GradScaler's, optional) are keyword arguments with None defaults, as in the ops.
+  m.def("adam_step_", &adam_step, py::arg("params"), py::arg("segments"), py::arg("optimizer_state"),
+        py::arg("average_state"), py::arg("lr"), py::arg("step"), py::arg("average_weights"), py::arg("beta1"),
+        py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("decoupled_weight_decay"),
+        py::arg("amsgrad"), py::arg("maximize"), py::arg("average_rule"), py::arg("reaction"), py::arg("inertia"),
+        py::arg("switch_to_average"), py::arg("grad_scale") = py::none(), py::arg("found_inf") = py::none());
+  m.def("sgd_step_", &sgd_step, py::arg("params"), py::arg("segments"), py::arg("optimizer_state"),
+        py::arg("average_state"), py::arg("lr"), py::arg("step"), py::arg("average_weights"), py::arg("momentum"),
+        py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"), py::arg("maximize"), py::arg("heavy_ball"),
+        py::arg("average_rule"), py::arg("reaction"), py::arg("inertia"), py::arg("switch_to_average"),
+        py::arg("grad_scale") = py::none(), py::arg("found_inf") = py::none());
+  m.def("average_", &average, py::arg("params"), py::arg("segments"), py::arg("average_state"),
+        py::arg("average_weights"), py::arg("average_rule"), py::arg("reaction"), py::arg("inertia"),
+        py::arg("switch_to_average"), py::arg("found_inf") = py::none());
 }

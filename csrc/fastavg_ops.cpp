@@ -141,6 +141,21 @@ AverageRule set_average_state(StepBuffers& b, StepConfig& c, at::TensorList stat
   return rule;
 }
 
+// GradScaler's optional one-value tensors (grad_scale, found_inf), checked like lr; null when absent.
+const float* optional_scalar(const std::optional<at::Tensor>& t, const at::Tensor& param, const char* name) {
+  return t.has_value() ? scalars(*t, param, 1, name) : nullptr;
+}
+
+// 1/grad_scale as GradScaler.unscale_ computes it (float64 reciprocal rounded to fp32), by torch ops on the scale's
+// device (queued, no host read), into `inverse`, which the caller keeps alive through the launch; null without a
+// scale. The kernels then only multiply.
+const float* inverse_scale(const std::optional<at::Tensor>& grad_scale, const at::Tensor& param, at::Tensor& inverse) {
+  if (!grad_scale.has_value()) return nullptr;
+  optional_scalar(grad_scale, param, "grad_scale");
+  inverse = grad_scale->reshape({-1}).slice(0, 0, 1).to(at::kDouble).reciprocal().to(at::kFloat).contiguous();
+  return inverse.data_ptr<float>();
+}
+
 // Runs `launch` after the CPU-only row checks; nothing to do for an empty launch.
 void checked_launch(const Launcher& launch, Optimizer o, AverageRule r, at::TensorList params,
                     const at::TensorList* grads, const StepBuffers& b, const StepConfig& c,
@@ -158,7 +173,8 @@ void adam_step(const Launcher& launch, at::TensorList params, at::TensorList gra
                at::TensorList optimizer_state, at::TensorList average_state, const at::Tensor& lr,
                const at::Tensor& step, const at::Tensor& average_weights, double beta1, double beta2, double eps,
                double weight_decay, bool decoupled_weight_decay, bool amsgrad, bool maximize, int64_t average_rule,
-               double reaction, double inertia, bool switch_to_average) {
+               double reaction, double inertia, bool switch_to_average, const std::optional<at::Tensor>& grad_scale,
+               const std::optional<at::Tensor>& found_inf) {
   if (params.empty()) return;
   const at::Tensor& param = params[0];
   StepBuffers b = segment_buffers(params, &grads, segments);
@@ -177,6 +193,9 @@ void adam_step(const Launcher& launch, at::TensorList params, at::TensorList gra
                                              inertia, switch_to_average);
   b.lr = scalars(lr, param, 1, "lr");
   b.step = scalars(step, param, 1, "step");
+  at::Tensor inverse;  // alive through the launch
+  b.inv_grad_scale = inverse_scale(grad_scale, param, inverse);
+  b.found_inf = optional_scalar(found_inf, param, "found_inf");
   checked_launch(launch, Optimizer::adam, rule, params, &grads, b, c, optimizer_state, average_state);
 }
 
@@ -184,7 +203,8 @@ void sgd_step(const Launcher& launch, at::TensorList params, at::TensorList grad
               at::TensorList optimizer_state, at::TensorList average_state, const at::Tensor& lr,
               const at::Tensor& step, const at::Tensor& average_weights, double momentum, double dampening,
               double weight_decay, bool nesterov, bool maximize, bool heavy_ball, int64_t average_rule,
-              double reaction, double inertia, bool switch_to_average) {
+              double reaction, double inertia, bool switch_to_average, const std::optional<at::Tensor>& grad_scale,
+              const std::optional<at::Tensor>& found_inf) {
   if (params.empty()) return;
   const at::Tensor& param = params[0];
   StepBuffers b = segment_buffers(params, &grads, segments);
@@ -201,18 +221,24 @@ void sgd_step(const Launcher& launch, at::TensorList params, at::TensorList grad
                                              inertia, switch_to_average);
   b.lr = scalars(lr, param, 1, "lr");
   b.step = scalars(step, param, 1, "step");
+  at::Tensor inverse;  // alive through the launch
+  b.inv_grad_scale = inverse_scale(grad_scale, param, inverse);
+  b.found_inf = optional_scalar(found_inf, param, "found_inf");
   checked_launch(launch, heavy_ball ? Optimizer::sgd_heavy_ball : Optimizer::sgd_torch, rule, params, &grads, b, c,
                  optimizer_state, average_state);
 }
 
 void average(const Launcher& launch, at::TensorList params, const at::Tensor& segments, at::TensorList average_state,
              const at::Tensor& average_weights, int64_t average_rule, double reaction, double inertia,
-             bool switch_to_average) {
+             bool switch_to_average, const std::optional<at::Tensor>& found_inf) {
   if (params.empty()) return;
   StepBuffers b = segment_buffers(params, nullptr, segments);
   StepConfig c;
   const AverageRule rule = set_average_state(b, c, average_state, params[0], average_weights, average_rule, reaction,
                                              inertia, switch_to_average);
+  b.found_inf = optional_scalar(found_inf, params[0], "found_inf");
+  // No rule and no switch: θ would only be read (it is written only when it changes), so nothing to launch.
+  if (rule == AverageRule::none && !switch_to_average) return;
   checked_launch(launch, Optimizer::none, rule, params, nullptr, b, c, {}, average_state);
 }
 
@@ -223,15 +249,15 @@ TORCH_LIBRARY(fastavg, m) {
       "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor segments, Tensor(b!)[] optimizer_state, Tensor(c!)[] average_state, "
       "Tensor lr, Tensor step, Tensor average_weights, float beta1, float beta2, float eps, float weight_decay, "
       "bool decoupled_weight_decay, bool amsgrad, bool maximize, int average_rule, float reaction, float inertia, "
-      "bool switch_to_average) -> ()");
+      "bool switch_to_average, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   m.def(
       "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor segments, Tensor(b!)[] optimizer_state, Tensor(c!)[] average_state, "
       "Tensor lr, Tensor step, Tensor average_weights, float momentum, float dampening, float weight_decay, "
       "bool nesterov, bool maximize, bool heavy_ball, int average_rule, float reaction, float inertia, "
-      "bool switch_to_average) -> ()");
+      "bool switch_to_average, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   m.def(
       "average_(Tensor(a!)[] params, Tensor segments, Tensor(c!)[] average_state, Tensor average_weights, int average_rule, "
-      "float reaction, float inertia, bool switch_to_average) -> ()");
+      "float reaction, float inertia, bool switch_to_average, Tensor? found_inf=None) -> ()");
 }
 
 namespace {
@@ -245,27 +271,29 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, const at::Tensor
                    at::TensorList optimizer_state, at::TensorList average_state, const at::Tensor& lr,
                    const at::Tensor& step, const at::Tensor& average_weights, double beta1, double beta2, double eps,
                    double weight_decay, bool decoupled_weight_decay, bool amsgrad, bool maximize,
-                   int64_t average_rule, double reaction, double inertia, bool switch_to_average) {
+                   int64_t average_rule, double reaction, double inertia, bool switch_to_average,
+                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   fastavg::adam_step(launch_cpu, params, grads, segments, optimizer_state, average_state, lr, step, average_weights,
                      beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, average_rule,
-                     reaction, inertia, switch_to_average);
+                     reaction, inertia, switch_to_average, grad_scale, found_inf);
 }
 
 void sgd_step_cpu(at::TensorList params, at::TensorList grads, const at::Tensor& segments,
                   at::TensorList optimizer_state, at::TensorList average_state, const at::Tensor& lr,
                   const at::Tensor& step, const at::Tensor& average_weights, double momentum, double dampening,
                   double weight_decay, bool nesterov, bool maximize, bool heavy_ball, int64_t average_rule,
-                  double reaction, double inertia, bool switch_to_average) {
+                  double reaction, double inertia, bool switch_to_average,
+                  const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   fastavg::sgd_step(launch_cpu, params, grads, segments, optimizer_state, average_state, lr, step, average_weights,
                     momentum, dampening, weight_decay, nesterov, maximize, heavy_ball, average_rule, reaction, inertia,
-                    switch_to_average);
+                    switch_to_average, grad_scale, found_inf);
 }
 
 void average_cpu(at::TensorList params, const at::Tensor& segments, at::TensorList average_state,
                  const at::Tensor& average_weights, int64_t average_rule, double reaction, double inertia,
-                 bool switch_to_average) {
+                 bool switch_to_average, const std::optional<at::Tensor>& found_inf) {
   fastavg::average(launch_cpu, params, segments, average_state, average_weights, average_rule, reaction, inertia,
-                   switch_to_average);
+                   switch_to_average, found_inf);
 }
 
 }  // namespace

@@ -48,6 +48,16 @@ struct StepScalars {
   bool first_step;                  // torch SGD: the momentum buffer starts as the gradient
 };
 
+// GradScaler's unscaling factor, the inv_scale torch.amp.GradScaler.unscale_ multiplies the gradients by (1/scale
+// in float64, rounded to fp32; for GradScaler's power-of-two scales g * (1/scale) is exactly g / scale, as
+// torch's fused optimizers divide); 1 without a scale, which multiplies exactly.
+FASTAVG_HD float inverse_grad_scale(const float* inv_grad_scale) {
+  return inv_grad_scale == nullptr ? 1.f : *inv_grad_scale;
+}
+
+// Whether GradScaler found an inf or NaN in the gradients: then the launch changes nothing.
+FASTAVG_HD bool skip_step(const float* found_inf) { return found_inf != nullptr && *found_inf != 0.f; }
+
 FASTAVG_HD StepScalars step_scalars(float lr, float step, const StepConfig& c) {
   StepScalars s;
   s.lr = lr;
@@ -138,5 +148,17 @@ FASTAVG_HD float lawa_rule(float param, float lawa_sum, float ring_slot) {
 
 // Switch EMA: θ ← e.
 FASTAVG_HD float switch_rule(float average) { return average; }
+
+// Whether a step writes θ: the optimizer rule moves it, BELAY's reaction pulls it toward the average, a
+// switch copies the average into it. Averaging alone otherwise (EMA, multi-EMA, SWA, PowerEMA, BEMA, the copy
+// phase, a LAWA snapshot, no rule) only reads θ, and every kernel then skips its store: the parameter's memory
+// is not written at all (bit for bit untouched, NaN payloads included), and averaging moves 12 bytes per fp32
+// element instead of 16.
+FASTAVG_HD constexpr bool writes_param(Optimizer optimizer, AverageRule rule, bool switch_to_average) {
+  return optimizer != Optimizer::none || rule == AverageRule::belay || switch_to_average;
+}
+FASTAVG_HD constexpr bool writes_param(Optimizer optimizer, AverageRule rule, const StepConfig& c) {
+  return writes_param(optimizer, rule, c.switch_to_average);
+}
 
 }  // namespace fastavg

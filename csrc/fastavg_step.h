@@ -41,6 +41,13 @@ struct StepBuffers {
   const float* lr = nullptr;
   const float* step = nullptr;
   const float* average_weights = nullptr;  // num_averages values (EMA) or one (BELAY)
+  // torch.amp.GradScaler's (one fp32 value each, optional, in the same memory): the gradients are multiplied
+  // by inv_grad_scale in registers (never written back), and a nonzero found_inf makes the launch change nothing
+  // at all. inv_grad_scale is 1/scale as GradScaler.unscale_ computes it (in float64, rounded to fp32), which the
+  // op computes from its grad_scale argument with torch ops (the kernels divide nothing). Read once per launch
+  // (CPU) or per block (CUDA).
+  const float* inv_grad_scale = nullptr;
+  const float* found_inf = nullptr;
 };
 
 void step_cpu(Optimizer optimizer, AverageRule rule, DType dtype, const StepBuffers& buffers,

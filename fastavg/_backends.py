@@ -2,18 +2,29 @@
 extension ``fastavg._C``), ``triton``. Every backend exposes the three ops with one signature:
 
 ``adam_step_(params, grads, segments, optimizer_state, average_state, lr, step, average_weights, beta1, beta2,
-eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, average_rule, reaction, inertia, switch_to_average)``
+eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, average_rule, reaction, inertia, switch_to_average,
+grad_scale=None, found_inf=None)``
 
 ``sgd_step_(params, grads, segments, optimizer_state, average_state, lr, step, average_weights, momentum,
-dampening, weight_decay, nesterov, maximize, heavy_ball, average_rule, reaction, inertia, switch_to_average)``
+dampening, weight_decay, nesterov, maximize, heavy_ball, average_rule, reaction, inertia, switch_to_average,
+grad_scale=None, found_inf=None)``
 
-``average_(params, segments, average_state, average_weights, average_rule, reaction, inertia, switch_to_average)``
+``average_(params, segments, average_state, average_weights, average_rule, reaction, inertia, switch_to_average,
+found_inf=None)``
+(averaging alone: it writes ``params`` only for BELAY, whose spring pulls θ, or a switch; otherwise every backend
+leaves the parameters' memory untouched)
 
 ``params``/``grads`` are lists of dense tensors of one dtype and device and ``segments`` the int64 table of
 :mod:`fastavg._segments` that points into them; ``optimizer_state`` lists flat fp32 buffers (Adam: exp_avg,
 exp_avg_sq[, max_exp_avg_sq]; SGD: [momentum_buffer] when momentum != 0) and ``average_state`` is
 :func:`fastavg.reference.average_state`'s list of flat buffers, all indexed by the table's offsets; ``lr``,
 ``step`` and ``average_weights`` are fp32 tensors in the buffers' memory, read by the kernels.
+
+``grad_scale`` and ``found_inf`` are ``torch.amp.GradScaler``'s one-value fp32 tensors (in the params' memory), read
+by the kernels as torch's fused optimizers read them: the gradients are multiplied by ``1/grad_scale`` (rounded to
+fp32 from float64, as ``GradScaler.unscale_`` computes it: for its power-of-two scales, exactly torch's division) in
+registers and never written back (``p.grad`` keeps the scaled values, where torch's fused optimizers leave them
+unscaled), and a nonzero ``found_inf`` makes the op change nothing at all.
 """
 from __future__ import annotations
 
@@ -24,10 +35,18 @@ from types import SimpleNamespace
 import torch
 
 from . import _segments, reference
+from .averaging import RULE_BELAY
 from .buffers import _addresses_match_in_python
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def average_writes_params(average_rule: int, switch_to_average: bool) -> bool:
+    """Whether an ``average_`` launch (averaging alone) writes its parameters: BELAY's spring pulls θ, a switch
+    copies the average into it; any other rule only reads θ, and no backend stores it (csrc/fastavg_rules.h
+    ``writes_param``), so that averaging alone moves the average's bytes and a read of θ."""
+    return average_rule == RULE_BELAY or bool(switch_to_average)
 
 
 def _reference_rows(params, grads, segments, buffers):
@@ -42,13 +61,30 @@ def _reference_rows(params, grads, segments, buffers):
         yield theta, grad, [[part(t) for t in group] for group in buffers]
 
 
+def _skipped(found_inf) -> bool:
+    """GradScaler found an inf or NaN: the op changes nothing (a host read: the reference is not sync-free)."""
+    return found_inf is not None and float(found_inf.reshape(-1)[0]) != 0.0
+
+
+def _unscaled(grad, dtype, grad_scale):
+    """The gradient in ``dtype``, times GradScaler's ``1/scale`` (computed in float64 and rounded to fp32, as
+    GradScaler.unscale_ does), on a copy: the gradient itself is never written."""
+    grad = grad.to(dtype)
+    if grad_scale is None:
+        return grad
+    inverse = torch.tensor(1.0 / float(grad_scale.reshape(-1)[0].double()), dtype=torch.float32)
+    return grad * inverse.to(dtype)
+
+
 def _reference_adam_step_(params, grads, segments, optimizer_state, average_state, lr, step, average_weights, beta1,
                           beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, average_rule, reaction,
-                          inertia, switch_to_average):
+                          inertia, switch_to_average, grad_scale=None, found_inf=None):
+    if _skipped(found_inf):
+        return
     for param, grad, (state, averages) in _reference_rows(params, grads, segments, [optimizer_state, average_state]):
         dtype = state[0].dtype
         work = param.to(dtype, copy=True)
-        reference.adam_rule(work, grad.to(dtype), state[0], state[1], state[2] if amsgrad else None, lr=float(lr),
+        reference.adam_rule(work, _unscaled(grad, dtype, grad_scale), state[0], state[1], state[2] if amsgrad else None, lr=float(lr),
                             step=float(step), beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                             decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad, maximize=maximize)
         _reference_average(param, reference.round_to(work, param.dtype), averages, average_weights, average_rule,
@@ -57,10 +93,13 @@ def _reference_adam_step_(params, grads, segments, optimizer_state, average_stat
 
 def _reference_sgd_step_(params, grads, segments, optimizer_state, average_state, lr, step, average_weights,
                          momentum, dampening, weight_decay, nesterov, maximize, heavy_ball, average_rule, reaction,
-                         inertia, switch_to_average):
+                         inertia, switch_to_average, grad_scale=None, found_inf=None):
+    if _skipped(found_inf):
+        return
     for param, grad, (state, averages) in _reference_rows(params, grads, segments, [optimizer_state, average_state]):
         dtype = reference.compute_dtype(param.dtype)
         work = param.to(dtype, copy=True)
+        grad = _unscaled(grad, dtype, grad_scale)
         buffer = state[0] if state else None
         if heavy_ball:
             reference.sgd_heavy_ball_rule(work, grad.to(dtype), buffer, lr=float(lr), momentum=momentum,
@@ -74,19 +113,24 @@ def _reference_sgd_step_(params, grads, segments, optimizer_state, average_state
 
 
 def _reference_average_(params, segments, average_state, average_weights, average_rule, reaction, inertia,
-                        switch_to_average):
+                        switch_to_average, found_inf=None):
+    if _skipped(found_inf):
+        return
     for param, _, (averages,) in _reference_rows(params, None, segments, [average_state]):
         work = param.to(reference.compute_dtype(param.dtype), copy=True)
+        # As the kernels: θ is written back only when averaging alone can change it (BELAY's pull, a switch);
+        # otherwise the parameter's memory is left untouched.
         _reference_average(param, work, averages, average_weights, average_rule, reaction, inertia,
-                           switch_to_average)
+                           switch_to_average, write_param=average_writes_params(average_rule, switch_to_average))
 
 
 def _reference_average(param, work, average_state, average_weights, average_rule, reaction, inertia,
-                       switch_to_average):
+                       switch_to_average, write_param=True):
     weights = average_weights.tolist() if average_state else []
     work = reference.apply_average(work, average_rule, average_state, weights, reaction=reaction, inertia=inertia,
                                    switch_to_average=switch_to_average, param_dtype=param.dtype)
-    param.copy_(work)
+    if write_param:
+        param.copy_(work)
 
 
 REFERENCE = SimpleNamespace(name="reference", adam_step_=_reference_adam_step_, sgd_step_=_reference_sgd_step_,

@@ -7,15 +7,20 @@ optimizers these are views into flat buffers.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 
 import torch
 
+from ._distributed import is_dtensor
 from .averaging import BEMA, LAWA, NO_PLAN, AveragePlan, check_averager
 
 # The keys torch.optim's SGD, Adam and AdamW read; every other key of ``opt.state[p]`` is fastavg's averaging.
 _OPTIMIZER_STATE_KEYS = ("step", "momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+# The averaging step, also kept in every saved param group: torch.distributed.checkpoint's
+# get/set_optimizer_state_dict keep only "state" and "param_groups" of a state dict, not the "fastavg" section.
+_AVERAGE_STEP_KEY = "average_step"
 
 
 def _is_number(value) -> bool:
@@ -124,6 +129,38 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+class _State(collections.defaultdict):
+    """``optimizer.state``, where a whole entry assigned over a parameter's entry is copied into it.
+
+    The fused optimizers' entries are views of the flat buffers their kernels update, so a new dict in their place
+    would be state that no step reads. ZeroRedundancyOptimizer's ``load_state_dict`` assigns entries
+    (``optim.state[p] = ...``): they are copied in, which resumes the optimizer rule exactly. The averages cannot be
+    resumed that way, because ZeRO's state dicts drop the averaging step (it is in neither its param groups nor any
+    entry): with an averager, such an assignment raises before anything changes.
+    """
+
+    averaging = False
+
+    def __setitem__(self, p, entry) -> None:
+        current = self.get(p)
+        if current is None or current is entry or not isinstance(entry, dict):
+            super().__setitem__(p, entry)
+            return
+        averages = sorted(name for name in entry if name not in _OPTIMIZER_STATE_KEYS)
+        if self.averaging and averages:
+            raise RuntimeError(
+                f"optimizer.state[p] was assigned a new entry with averages {averages} (ZeroRedundancyOptimizer's "
+                "load_state_dict does this), which cannot resume the averages: the averaging step is not in that "
+                "state dict. Save and load each rank's own optimizer instead: zero.optim.state_dict() / "
+                "zero.optim.load_state_dict(...) (same world size), or use FSDP2 with torch.distributed.checkpoint")
+        with torch.no_grad():
+            for name, value in entry.items():
+                if isinstance(current.get(name), torch.Tensor) and isinstance(value, torch.Tensor):
+                    current[name].copy_(value)
+                else:
+                    current[name] = value
+
+
 class AveragingOptimizer(torch.optim.Optimizer):
     """Base of every fastavg optimizer: param-group checks, the averaging API and the state dict."""
 
@@ -133,6 +170,17 @@ class AveragingOptimizer(torch.optim.Optimizer):
         self.average = check_averager(average)
         self._average_step = 0
         super().__init__(params, defaults)
+
+    @property
+    def state(self) -> _State:
+        return self.__dict__["state"]
+
+    @state.setter
+    def state(self, value) -> None:
+        """torch.optim.Optimizer.__init__ sets ``self.state = defaultdict(dict)``; it becomes a :class:`_State`."""
+        state = value if isinstance(value, _State) else _State(dict, value)
+        state.averaging = self.average is not None
+        self.__dict__["state"] = state
 
     # --- param groups ----------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
@@ -288,11 +336,20 @@ class AveragingOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         """torch's layout. Only parameters the optimizer rule has stepped carry an entry in ``"state"``, as in
         torch.optim (which reads a present entry as a live one); the averages of the others, which follow θ from
-        the first step on, are kept under ``"fastavg"`` / ``"unstepped"``."""
+        the first step on, are kept under ``"fastavg"`` / ``"unstepped"``. Before the first step every parameter has
+        its entry, as a torch.optim optimizer has once torch.distributed.checkpoint initialised it: a fresh optimizer
+        is what ``dcp.load`` loads into (it fills only the entries it is given). With an averager, every param group also
+        carries ``"average_step"`` (the averaging step), which survives torch.distributed.checkpoint's
+        ``get_optimizer_state_dict``/``set_optimizer_state_dict`` (they keep only ``"state"`` and ``"param_groups"``).
+        Under FSDP2 the state entries and averages are DTensors, as torch.optim's."""
         state = super().state_dict()
+        if self.average is not None:
+            for group in state["param_groups"]:
+                group[_AVERAGE_STEP_KEY] = self._average_step
         unstepped = {}
+        fresh = self._average_step == 0
         for index, entry in list(state["state"].items()):
-            if float(entry["step"]) == 0:
+            if float(entry["step"]) == 0 and not fresh:
                 del state["state"][index]
                 averages = {name: value for name, value in entry.items() if name not in _OPTIMIZER_STATE_KEYS}
                 if averages and self._average_step > 0:
@@ -370,18 +427,26 @@ class AveragingOptimizer(torch.optim.Optimizer):
                 if name == "step":
                     copies.append((state["step"], torch.as_tensor(value, dtype=torch.float32)))
                 elif name in state and isinstance(value, torch.Tensor):
+                    if is_dtensor(state[name]) and not is_dtensor(value):
+                        raise ValueError(
+                            f"state '{name}' of parameter {key} is a plain tensor, but this optimizer's parameters are "
+                            "DTensors (FSDP2, tensor parallelism) and its state is sharded like them: load a full state "
+                            "dict with torch.distributed.checkpoint.state_dict.set_optimizer_state_dict(model, opt, "
+                            "state_dict, options=StateDictOptions(full_state_dict=True)), which shards it")
                     if value.numel() != state[name].numel():
                         raise ValueError(
                             f"state '{name}' of parameter {key} has {value.numel()} elements, "
                             f"expected {state[name].numel()}"
                         )
-                    copies.append((state[name], value.reshape(state[name].shape)))
+                    copies.append((state[name], value if value.shape == state[name].shape
+                                   else value.reshape(state[name].shape)))
             if "step" not in entry and entry.get("momentum_buffer") is not None and "momentum_buffer" in state:
                 # torch.optim.SGD keeps no step; a saved buffer means its first step is behind it.
                 copies.append((state["step"], torch.ones(())))
         new_groups = []
         for group, saved in zip(self.param_groups, saved_groups):
-            new_group = {**copy.deepcopy({k: v for k, v in saved.items() if k != "params"}), "params": group["params"]}
+            new_group = {**copy.deepcopy({k: v for k, v in saved.items() if k not in ("params", _AVERAGE_STEP_KEY)}),
+                         "params": group["params"]}
             for name, default in self.defaults.items():
                 new_group.setdefault(name, group.get(name, default))
             self._check_group(new_group)
@@ -392,6 +457,8 @@ class AveragingOptimizer(torch.optim.Optimizer):
             group.update(new_group)
         if extra is not None:
             self._average_step = int(extra["step"])
+        elif saved_groups and _AVERAGE_STEP_KEY in saved_groups[0]:
+            self._average_step = int(saved_groups[0][_AVERAGE_STEP_KEY])
         self._after_load()
 
     def _after_load(self) -> None:

@@ -9,8 +9,9 @@ program reads its row (param address, grad address, numel, offset), turns the ad
 parameter dtype (a ``tl.constexpr``) and the flat state buffers' base pointers into ``base + offset``, then
 walks the row in ``BLOCK``-sized pieces through ``_blocks``: the full blocks of an aligned row unmasked, then the
 rest of the row masked, each block through ``_step_block``, which mirrors ``step_kernel`` in
-csrc/fastavg_cpu_kernel.inc: it reads every buffer once and writes it once, running the element-wise rules below
-(the reference's names and order of operations) behind ``tl.constexpr`` switches.
+csrc/fastavg_cpu_kernel.inc: it reads every buffer once and writes it once (θ only when the step can change it),
+running the element-wise rules below (the reference's names and order of operations) behind ``tl.constexpr``
+switches.
 
 Vector accesses: a mask against a numel read from memory makes every access scalar, hence the unmasked full
 blocks; and a pointer made from an integer is only known to be 16-byte aligned through ``tl.multiple_of`` on
@@ -75,6 +76,9 @@ _RULE_LAWA = tl.constexpr(RULE_LAWA)
 # The optimizer's flags choose a branch, not the kernel's structure: int 0/1 runtime arguments, unspecialized (Triton
 # would otherwise compile another kernel when one is 1). Not bool: Triton 3.7's interpreter rejects bool arguments.
 _FLAGS = ["nesterov", "maximize", "decoupled_weight_decay"]
+# GradScaler's tensors are always passed (a stand-in when absent) with a 0/1 flag saying whether they are real, and not
+# specialized on alignment either: with or without a GradScaler, a step runs the same compiled kernel.
+_UNSPECIALIZED = _FLAGS + ["has_grad_scale", "has_found_inf", "grad_scale_ptr", "found_inf_ptr"]
 
 
 # --- element-wise rules (fp32 values in, fp32 values out) -------------------------------------------
@@ -203,7 +207,7 @@ def _step_block(param_ptr, grad_ptr, state_0_ptr, state_1_ptr, state_2_ptr,
                 average_0_ptr, average_1_ptr, average_2_ptr, average_3_ptr,
                 average_4_ptr, average_5_ptr, average_6_ptr, average_7_ptr,
                 average_velocity_ptr, lawa_sum_ptr, lawa_ring_slot_ptr, index, mask,
-                lr, first_step, step_size, bias_correction2_sqrt, decoupled_decay,
+                lr, first_step, step_size, bias_correction2_sqrt, decoupled_decay, inv_grad_scale,
                 weight_0, weight_1, weight_2, weight_3, weight_4, weight_5, weight_6, weight_7,
                 momentum, one_minus_dampening, weight_decay, beta2, one_minus_beta1, one_minus_beta2, eps,
                 reaction, inertia, nesterov, maximize, decoupled_weight_decay,
@@ -214,7 +218,7 @@ def _step_block(param_ptr, grad_ptr, state_0_ptr, state_1_ptr, state_2_ptr,
     theta = tl.load(param_ptr + index, mask=mask).to(tl.float32)
 
     if OPTIMIZER != _NO_OPTIMIZER:
-        grad = tl.load(grad_ptr + index, mask=mask).to(tl.float32)
+        grad = tl.load(grad_ptr + index, mask=mask).to(tl.float32) * inv_grad_scale  # GradScaler: unscaled here
         if OPTIMIZER == _ADAM:
             exp_avg = tl.load(state_0_ptr + index, mask=mask)
             exp_avg_sq = tl.load(state_1_ptr + index, mask=mask)
@@ -277,7 +281,10 @@ def _step_block(param_ptr, grad_ptr, state_0_ptr, state_1_ptr, state_2_ptr,
         average_0 = tl.load(average_0_ptr + index, mask=mask)
     if SWITCH:
         theta = switch_rule(average_0)
-    tl.store(param_ptr + index, _to_param_dtype(theta, DTYPE), mask=mask)
+    # θ is stored only when the step can change it (csrc/fastavg_rules.h writes_param): averaging alone with EMA,
+    # SWA, LAWA or no rule leaves the parameter's memory unwritten. All constexpr: no store compiled in.
+    if OPTIMIZER != _NO_OPTIMIZER or AVERAGE_RULE == _RULE_BELAY or SWITCH:
+        tl.store(param_ptr + index, _to_param_dtype(theta, DTYPE), mask=mask)
 
 
 @triton.jit
@@ -315,7 +322,7 @@ def _blocks(start, end, param_address, grad_address, offset, state_0_ptr, state_
             average_0_ptr, average_1_ptr, average_2_ptr, average_3_ptr,
             average_4_ptr, average_5_ptr, average_6_ptr, average_7_ptr,
             average_velocity_ptr, lawa_sum_ptr, lawa_ring_slot_ptr,
-            lr, first_step, step_size, bias_correction2_sqrt, decoupled_decay,
+            lr, first_step, step_size, bias_correction2_sqrt, decoupled_decay, inv_grad_scale,
             weight_0, weight_1, weight_2, weight_3, weight_4, weight_5, weight_6, weight_7,
             momentum, one_minus_dampening, weight_decay, beta2, one_minus_beta1, one_minus_beta2, eps,
             reaction, inertia, nesterov, maximize, decoupled_weight_decay,
@@ -359,22 +366,22 @@ def _blocks(start, end, param_address, grad_address, offset, state_0_ptr, state_
                     average_0_ptr, average_1_ptr, average_2_ptr, average_3_ptr,
                     average_4_ptr, average_5_ptr, average_6_ptr, average_7_ptr,
                     average_velocity_ptr, lawa_sum_ptr, lawa_ring_slot_ptr, index, mask,
-                    lr, first_step, step_size, bias_correction2_sqrt, decoupled_decay,
+                    lr, first_step, step_size, bias_correction2_sqrt, decoupled_decay, inv_grad_scale,
                     weight_0, weight_1, weight_2, weight_3, weight_4, weight_5, weight_6, weight_7,
                     momentum, one_minus_dampening, weight_decay, beta2, one_minus_beta1, one_minus_beta2, eps,
                     reaction, inertia, nesterov, maximize, decoupled_weight_decay,
                     DTYPE, OPTIMIZER, HAS_MOMENTUM_BUFFER, AMSGRAD, AVERAGE_RULE, NUM_AVERAGES, HAS_VELOCITY, SWITCH)
 
 
-@triton.jit(do_not_specialize=_FLAGS)
+@triton.jit(do_not_specialize=_UNSPECIALIZED)
 def _step_kernel(segments_ptr, state_0_ptr, state_1_ptr, state_2_ptr,
                  average_0_ptr, average_1_ptr, average_2_ptr, average_3_ptr,
                  average_4_ptr, average_5_ptr, average_6_ptr, average_7_ptr,
                  average_velocity_ptr, lawa_sum_ptr, lawa_ring_slot_ptr,
-                 lr_ptr, step_ptr, average_weights_ptr,
+                 lr_ptr, step_ptr, average_weights_ptr, grad_scale_ptr, found_inf_ptr,
                  momentum, one_minus_dampening, weight_decay, log2_beta1, log2_beta2, beta2, one_minus_beta1,
                  one_minus_beta2, eps, reaction, inertia,
-                 nesterov, maximize, decoupled_weight_decay,
+                 nesterov, maximize, decoupled_weight_decay, has_grad_scale, has_found_inf,
                  DTYPE: tl.constexpr, OPTIMIZER: tl.constexpr, HAS_MOMENTUM_BUFFER: tl.constexpr,
                  AMSGRAD: tl.constexpr, AVERAGE_RULE: tl.constexpr, NUM_AVERAGES: tl.constexpr,
                  HAS_VELOCITY: tl.constexpr, SWITCH: tl.constexpr, BLOCK: tl.constexpr):
@@ -384,6 +391,9 @@ def _step_kernel(segments_ptr, state_0_ptr, state_1_ptr, state_2_ptr,
     grad_address = tl.load(row_ptr + 1)
     numel = tl.load(row_ptr + 2).to(tl.int32)
     offset = tl.load(row_ptr + 3)
+    # GradScaler found an inf or NaN (read once per program): no block of the row runs, nothing changes.
+    found_inf = tl.load(found_inf_ptr)
+    numel = tl.where((has_found_inf != 0) & (found_inf != 0.0), 0, numel)
 
     # The step's scalars, once per program. On GPUs float arguments arrive as fp32; the interpreter passes
     # Python floats (float64) through, so cast those a rule reads to compute in fp32, as the C++ kernels do.
@@ -392,6 +402,7 @@ def _step_kernel(segments_ptr, state_0_ptr, state_1_ptr, state_2_ptr,
     step_size = 0.0
     bias_correction2_sqrt = 1.0
     decoupled_decay = 1.0
+    inv_grad_scale = 1.0
     if OPTIMIZER == _ADAM:
         weight_decay = tl.cast(weight_decay, tl.float32)
         beta2 = tl.cast(beta2, tl.float32)
@@ -417,6 +428,9 @@ def _step_kernel(segments_ptr, state_0_ptr, state_1_ptr, state_2_ptr,
             step_size = (lr.to(tl.float64) / bias_correction1).to(tl.float32)
             bias_correction2_sqrt = tl.sqrt(bias_correction2).to(tl.float32)
             decoupled_decay = (1.0 - lr.to(tl.float64) * weight_decay.to(tl.float64)).to(tl.float32)
+        # GradScaler's unscaling factor, 1/scale (the wrapper computes it as GradScaler.unscale_ does; 1 without a
+        # scale: exact). The gradients are multiplied by it in registers, never written back.
+        inv_grad_scale = tl.where(has_grad_scale != 0, tl.load(grad_scale_ptr), 1.0)
     weight_0 = 0.0
     weight_1 = 0.0
     weight_2 = 0.0
@@ -469,7 +483,7 @@ def _step_kernel(segments_ptr, state_0_ptr, state_1_ptr, state_2_ptr,
             average_0_ptr, average_1_ptr, average_2_ptr, average_3_ptr,
             average_4_ptr, average_5_ptr, average_6_ptr, average_7_ptr,
             average_velocity_ptr, lawa_sum_ptr, lawa_ring_slot_ptr,
-            lr, first_step, step_size, bias_correction2_sqrt, decoupled_decay,
+            lr, first_step, step_size, bias_correction2_sqrt, decoupled_decay, inv_grad_scale,
             weight_0, weight_1, weight_2, weight_3, weight_4, weight_5, weight_6, weight_7,
             momentum, one_minus_dampening, weight_decay, beta2, one_minus_beta1, one_minus_beta2, eps,
             reaction, inertia, nesterov, maximize, decoupled_weight_decay,
@@ -479,7 +493,7 @@ def _step_kernel(segments_ptr, state_0_ptr, state_1_ptr, state_2_ptr,
             average_0_ptr, average_1_ptr, average_2_ptr, average_3_ptr,
             average_4_ptr, average_5_ptr, average_6_ptr, average_7_ptr,
             average_velocity_ptr, lawa_sum_ptr, lawa_ring_slot_ptr,
-            lr, first_step, step_size, bias_correction2_sqrt, decoupled_decay,
+            lr, first_step, step_size, bias_correction2_sqrt, decoupled_decay, inv_grad_scale,
             weight_0, weight_1, weight_2, weight_3, weight_4, weight_5, weight_6, weight_7,
             momentum, one_minus_dampening, weight_decay, beta2, one_minus_beta1, one_minus_beta2, eps,
             reaction, inertia, nesterov, maximize, decoupled_weight_decay,
@@ -614,12 +628,30 @@ _UNUSED_ARGS = dict(
 )
 
 
-def _launch(params: list[torch.Tensor], segments: torch.Tensor, **args) -> None:
+def _grad_scaler_args(segments: torch.Tensor, device: torch.device, grad_scale=None, found_inf=None) -> dict:
+    """GradScaler's ``grad_scale`` and ``found_inf`` (optional one-value fp32 tensors on the params' device) as kernel
+    arguments: each with a 0/1 flag, and where absent a stand-in pointer to valid memory (the table's first row, as
+    fp32) that the kernel reads and ignores, so that the same compiled kernel serves steps with and without them."""
+    args = {}
+    for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+        if t is not None:
+            _check_scalars(t, device, 1, name)
+            if name == "grad_scale":
+                # The kernel multiplies by 1/scale, computed here as GradScaler.unscale_ computes it (float64
+                # reciprocal rounded to fp32), by torch ops queued on the device: the kernel divides nothing.
+                t = t.reshape(-1)[:1].double().reciprocal().float()
+        args[f"{name}_ptr"] = t if t is not None else segments.view(torch.float32)
+        args[f"has_{name}"] = int(t is not None)
+    return args
+
+
+def _launch(params: list[torch.Tensor], segments: torch.Tensor, grad_scale=None, found_inf=None, **args) -> None:
     """One ``_step_kernel`` launch: a program per row of ``segments``."""
     rows = segments.size(0)
     if rows == 0:
         return
-    wrap_triton(_step_kernel)[(rows,)](**{**_UNUSED_ARGS, **args, "segments_ptr": segments,
+    scaler = _grad_scaler_args(segments, params[0].device, grad_scale, found_inf)
+    wrap_triton(_step_kernel)[(rows,)](**{**_UNUSED_ARGS, **args, **scaler, "segments_ptr": segments,
                                           "DTYPE": _TL_DTYPES[params[0].dtype], "BLOCK": _BLOCK}, **_LAUNCH_OPTIONS)
 
 
@@ -632,7 +664,8 @@ def _adam_step_(params: list[torch.Tensor], grads: list[torch.Tensor], segments:
                 optimizer_state: list[torch.Tensor], average_state: list[torch.Tensor], lr: torch.Tensor,
                 step: torch.Tensor, average_weights: torch.Tensor, beta1: float, beta2: float, eps: float,
                 weight_decay: float, decoupled_weight_decay: bool, amsgrad: bool, maximize: bool, average_rule: int,
-                reaction: float, inertia: float, switch_to_average: bool) -> None:
+                reaction: float, inertia: float, switch_to_average: bool, grad_scale: torch.Tensor | None = None,
+                found_inf: torch.Tensor | None = None) -> None:
     if not params:
         return
     _check_params(params, grads, segments)
@@ -648,14 +681,15 @@ def _adam_step_(params: list[torch.Tensor], grads: list[torch.Tensor], segments:
             one_minus_beta1=1.0 - beta1, one_minus_beta2=1.0 - beta2,
             eps=eps, weight_decay=weight_decay,
             decoupled_weight_decay=int(decoupled_weight_decay), AMSGRAD=amsgrad, maximize=int(maximize),
-            reaction=reaction, inertia=inertia, **averaging)
+            reaction=reaction, inertia=inertia, grad_scale=grad_scale, found_inf=found_inf, **averaging)
 
 
 def _sgd_step_(params: list[torch.Tensor], grads: list[torch.Tensor], segments: torch.Tensor,
                optimizer_state: list[torch.Tensor], average_state: list[torch.Tensor], lr: torch.Tensor,
                step: torch.Tensor, average_weights: torch.Tensor, momentum: float, dampening: float,
                weight_decay: float, nesterov: bool, maximize: bool, heavy_ball: bool, average_rule: int,
-               reaction: float, inertia: float, switch_to_average: bool) -> None:
+               reaction: float, inertia: float, switch_to_average: bool, grad_scale: torch.Tensor | None = None,
+               found_inf: torch.Tensor | None = None) -> None:
     if not params:
         return
     _check_params(params, grads, segments)
@@ -669,17 +703,21 @@ def _sgd_step_(params: list[torch.Tensor], grads: list[torch.Tensor], segments: 
     _launch(params, segments, OPTIMIZER=(_SGD_HEAVY_BALL if heavy_ball else _SGD_TORCH).value,
             state_0_ptr=optimizer_state[0] if optimizer_state else None, HAS_MOMENTUM_BUFFER=bool(optimizer_state),
             lr_ptr=lr, step_ptr=step, momentum=momentum, one_minus_dampening=1.0 - dampening, weight_decay=weight_decay,
-            nesterov=int(nesterov), maximize=int(maximize), reaction=reaction, inertia=inertia, **averaging)
+            nesterov=int(nesterov), maximize=int(maximize), reaction=reaction, inertia=inertia, grad_scale=grad_scale,
+            found_inf=found_inf, **averaging)
 
 
 def _average_(params: list[torch.Tensor], segments: torch.Tensor, average_state: list[torch.Tensor],
               average_weights: torch.Tensor, average_rule: int, reaction: float, inertia: float,
-              switch_to_average: bool) -> None:
+              switch_to_average: bool, found_inf: torch.Tensor | None = None) -> None:
     if not params:
         return
     _check_params(params, None, segments)
     averaging = _averaging_args(params[0], average_state, average_weights, average_rule, switch_to_average)
-    _launch(params, segments, OPTIMIZER=_NO_OPTIMIZER.value, reaction=reaction, inertia=inertia, **averaging)
+    if average_rule == RULE_NONE and not switch_to_average:
+        return  # no rule, no switch: θ would only be read (it is written only when it changes), nothing to launch
+    _launch(params, segments, OPTIMIZER=_NO_OPTIMIZER.value, reaction=reaction, inertia=inertia, found_inf=found_inf,
+            **averaging)
 
 
 _OPS = {

@@ -24,14 +24,21 @@ import torch
 from torch.optim.swa_utils import AveragedModel as _TorchAveragedModel
 
 from . import _backends, _segments
+from ._distributed import check_parameter, is_dtensor
 from .averaging import BELAY, BEMA, EMA, LAWA, RULE_NONE, SEMA, SWA, PowerEMA, check_averager
 from .buffers import Bucket
-from .optim import _is_dtensor
 from .reference import average_kwargs, average_state
 
 __all__ = ["AveragedModel"]
 
 _TORCH_FUNCTIONS = "torch.optim.swa_utils"
+# AveragedModel keeps a deep copy of the model as .module; FSDP2 modules refuse deepcopy, and so does torch's
+# AveragedModel on them. The optimizer's own averages work on the shards.
+_DTENSOR_REFUSAL = (
+    "fastavg.AveragedModel cannot average DTensor parameters (FSDP2's fully_shard, tensor parallelism): it keeps a "
+    "deep copy of the model as .module, and FSDP2 modules cannot be deep-copied (torch.optim.swa_utils.AveragedModel "
+    "fails the same way). Keep the average in the optimizer instead: fastavg.AdamW(..., average=fastavg.EMA(...)), "
+    "and evaluate inside `with opt.swap_average():` (see the README's section on distributed engines)")
 
 
 def _recognise(avg_fn, multi_avg_fn):
@@ -289,10 +296,8 @@ class AveragedModel(_TorchAveragedModel):
                 continue
             for i in group.entries:
                 theirs, ours = sources[i], self._all[i]
-                if _is_dtensor(theirs):
-                    raise NotImplementedError(
-                        "fastavg.AveragedModel does not support DTensor parameters yet (FSDP2's fully_shard, tensor "
-                        "parallelism); use torch.optim.swa_utils.AveragedModel for sharded models for now")
+                if is_dtensor(theirs):
+                    raise NotImplementedError(_DTENSOR_REFUSAL)
                 if theirs.shape != ours.shape or theirs.dtype != ours.dtype or theirs.device != group.source_device:
                     raise ValueError(
                         f"tensor {i} of the model passed to update_parameters is {tuple(theirs.shape)}, {theirs.dtype} "
@@ -315,7 +320,8 @@ class AveragedModel(_TorchAveragedModel):
             else:
                 params, _ = launch.tensors()
                 self._average(group.bucket.backend, group, plan, params, launch.table)
-                launch.finish()
+                if _backends.average_writes_params(plan.rule, plan.switch):
+                    launch.finish()  # BELAY or a switch changed the staged θ: copy it back
             return
         copies = [(group.bucket.view(group.staging, k), t) for k, t in enumerate(sources)]
         if group.stream is None:
@@ -460,10 +466,9 @@ def _after_load(model: AveragedModel, incompatible_keys) -> None:
 def _check_model_tensors(tensors, average, device) -> None:
     """Raise before anything is built if the fused path cannot average these tensors."""
     for t in tensors:
-        if _is_dtensor(t):
-            raise NotImplementedError(
-                "fastavg.AveragedModel does not support DTensor parameters yet (FSDP2's fully_shard, tensor "
-                "parallelism); use torch.optim.swa_utils.AveragedModel for sharded models for now")
+        check_parameter(t, "fastavg.AveragedModel")
+        if is_dtensor(t):
+            raise NotImplementedError(_DTENSOR_REFUSAL)
         if t.is_complex():
             raise ValueError("fastavg.AveragedModel cannot average complex tensors; use "
                              "torch.optim.swa_utils.AveragedModel for this model")

@@ -14,6 +14,10 @@ is None is skipped by the optimizer rule, as in torch. Tensors the kernels canno
 staging copy. A parameter given a new layout (``model.to(memory_format=torch.channels_last)``) keeps its
 state: the segments are re-laid out to match.
 
+DTensor parameters (FSDP2, tensor parallelism) make a sharded bucket: its segments are the local shards
+(``p._local_tensor`` and ``p.grad._local_tensor``, addresses checked in Python each step) and its state entries
+are DTensors over the segments with the parameters' mesh and placements (:mod:`fastavg._distributed`).
+
 ``flat_params=True`` is the opt-in layout where the parameters and gradients themselves become views of
 a flat data and gradient buffer (``p.data`` and ``p.grad`` are assigned): with every gradient a view
 (``zero_grad(set_to_none=False)``) and one step count, a step is a single segment per bucket.
@@ -22,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _segments
+from . import _distributed, _segments
 from ._common import compute_dtype
 from .reference import init_average_state
 
@@ -45,10 +49,16 @@ def _describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, {t.dtype}, {t.device}"
 
 
-def _addresses(params, with_grads: bool) -> torch.Tensor:
+def _address_rows(params, grads) -> list[list[int]]:
+    """(address, gradient address or 0) per parameter; ``grads`` None: no gradients."""
+    if grads is None:
+        return [[p.data_ptr(), 0] for p in params]
+    return [[p.data_ptr(), 0 if g is None else g.data_ptr()] for p, g in zip(params, grads)]
+
+
+def _addresses(params, grads) -> torch.Tensor:
     """The host int64 ``(n, 2)`` table of (address, gradient address or 0) that a launch is built from."""
-    rows = [(p.data_ptr(), p.grad.data_ptr() if with_grads else 0) for p in params]
-    return torch.tensor(rows, dtype=torch.int64).reshape(-1, 2)
+    return torch.tensor(_address_rows(params, grads), dtype=torch.int64).reshape(-1, 2)
 
 
 def _addresses_match_in_python(params, addresses: torch.Tensor) -> bool:
@@ -61,28 +71,32 @@ class _Launch:
     """One kernel launch: its parameters, the segment table, and staging copies around it.
 
     A launch keeps the parameters (as the optimizer does) but never a gradient, so that a cached launch
-    holds no memory alive; :meth:`tensors` gathers this step's gradients. ``addresses`` is what the
-    table was built from: while every parameter and gradient is still there, the launch is reused.
+    holds no memory alive; :meth:`tensors` gathers this step's gradients with ``grads()``. ``addresses`` is
+    what the table was built from: while every parameter and gradient is still there, the launch is reused.
+    ``params`` are the tensors the kernels address (a sharded bucket's local shards); ``direct=False`` keeps
+    the extension's eager path, which reads ``p.grad`` of ``params`` itself, away from them.
     """
 
-    def __init__(self, indices, params, with_grads, table, param_staging, grad_staging, flat=None):
+    def __init__(self, indices, params, with_grads, table, param_staging, grad_staging, flat=None, grads=None,
+                 direct=True):
         self.indices = indices
         self.params = params
         self.with_grads = with_grads
-        self.addresses = _addresses(params, with_grads)
+        self.grads = grads if grads is not None else (lambda: [p.grad for p in self.params])
+        self.addresses = _addresses(params, self.grads() if with_grads else None)
         self.table = table
         self.param_staging = param_staging  # {position in the launch: staging tensor} for undense parameters
         self.grad_staging = grad_staging  # {position: staging tensor} for gradients laid out unlike θ
         self.flat = flat  # flat_params with every gradient a view: (data, grad), the whole bucket
         # The kernels address the parameters and gradients themselves: the extension's eager path applies.
-        self.direct = flat is None and not param_staging and not grad_staging
+        self.direct = direct and flat is None and not param_staging and not grad_staging
 
     def tensors(self):
         """This step's ``(params, grads)`` lists for the launch, staged; ``grads`` None for averaging alone."""
         if self.flat is not None:
             return [self.flat[0]], [self.flat[1]]
         ps = list(self.params)
-        gs = [p.grad for p in ps] if self.with_grads else None
+        gs = self.grads() if self.with_grads else None
         for k, staging in self.param_staging.items():
             staging.copy_(ps[k])
             ps[k] = staging
@@ -102,28 +116,31 @@ class Bucket:
 
     def __init__(self, params: list[torch.Tensor], optimizer_state: tuple[str, ...], average, state: dict,
                  group_index: int, backend, flat_params: bool = False):
-        self.params = params
+        self.params = params  # what optimizer.state is keyed by: the user's parameters (DTensors when sharded)
+        # Sharded: the kernels run on the DTensors' local shards (see local_param() and local_grad()).
+        self.sharded = _distributed.is_dtensor(params[0])
         self.backend = backend
         self.group_index = group_index
-        self.dtype = params[0].dtype
-        self.device = params[0].device
+        local = [self.local_param(i) for i in range(len(params))]
+        self.dtype = local[0].dtype
+        self.device = local[0].device
         self.state_dtype = compute_dtype(self.dtype)
         self.flat_params = flat_params
         self.state = state
-        align = max(ALIGN_BYTES // params[0].element_size(), 1)
-        self.shapes = [p.shape for p in params]
+        align = max(ALIGN_BYTES // local[0].element_size(), 1)
+        self.shapes = [t.shape for t in local]
         self.offsets, self.strides, offset = [], [], 0
-        for p in params:
+        for t in local:
             self.offsets.append(offset)
-            self.strides.append(_memory_order_strides(p))
-            offset += -(-p.numel() // align) * align
+            self.strides.append(_memory_order_strides(t))
+            offset += -(-t.numel() // align) * align
         self.numel = offset
         self.buffers: dict[str, torch.Tensor] = {}
         for name in optimizer_state:
             self.add_buffer(name)
         self._init_average_buffers(average)
         self.steps = torch.zeros(len(params), dtype=torch.float32)
-        self._empty = [i for i, p in enumerate(params) if p.numel() == 0]
+        self._empty = [i for i, t in enumerate(local) if t.numel() == 0]
         for i, p in enumerate(params):
             state[p]["step"] = self.steps[i]
         self._uniform_steps = True
@@ -135,6 +152,24 @@ class Bucket:
         # here and step in ``steps``; on a GPU all of them travel in ``scalars``, made at the first step.
         self.lr_cpu = torch.zeros(1, dtype=self.state_dtype) if self.device.type == "cpu" else None
         self.scalars = None
+
+    # --- what the kernels address ------------------------------------------------------------------
+    def local_param(self, i: int) -> torch.Tensor:
+        """Parameter ``i`` as the kernels address it: itself, or its local shard in a sharded bucket."""
+        return _distributed.local(self.params[i]) if self.sharded else self.params[i]
+
+    def local_grad(self, i: int):
+        """This step's gradient of parameter ``i`` as the kernels address it (None: none)."""
+        grad = self.params[i].grad
+        return _distributed.local(grad) if self.sharded else grad
+
+    def _publish(self, i: int, name: str, view: torch.Tensor) -> None:
+        """``optimizer.state[p][name]`` ← parameter ``i``'s segment ``view``: itself, or, in a sharded bucket, a
+        DTensor over it laid out like ``p`` (LAWA's ring has one leading dimension more)."""
+        if self.sharded:
+            leading = tuple(view.shape[:view.dim() - len(self.shapes[i])])
+            view = _distributed.like(self.params[i], view, leading)
+        self.state[self.params[i]][name] = view
 
     # --- layout -----------------------------------------------------------------------------------
     def view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
@@ -150,8 +185,8 @@ class Bucket:
         """A zeroed state buffer, with per-parameter views in ``state``."""
         flat = torch.zeros(self.numel, dtype=self.state_dtype, device=self.device)
         self.buffers[name] = flat
-        for i, p in enumerate(self.params):
-            self.state[p][name] = self.view(flat, i)
+        for i in range(len(self.params)):
+            self._publish(i, name, self.view(flat, i))
 
     def _init_average_buffers(self, average) -> None:
         """The averaging buffers, zeroed: averages are seeded from θ at the first step (:meth:`seed_averages`)."""
@@ -163,8 +198,8 @@ class Bucket:
             else:
                 flat = torch.zeros(self.numel, dtype=self.state_dtype, device=self.device)
             self.buffers[name] = flat
-            for i, p in enumerate(self.params):
-                self.state[p][name] = self._state_view(flat, i)
+            for i in range(len(self.params)):
+                self._publish(i, name, self._state_view(flat, i))
         self.average_names = [name for name, kind in kinds.items() if kind == "average"]
 
     def _init_flat_params(self) -> None:
@@ -182,18 +217,17 @@ class Bucket:
         """Lay parameter ``i``'s segments out as ``strides`` (its new memory layout), keeping their values."""
         old = {name: self._state_view(flat, i).clone() for name, flat in self.buffers.items()}
         self.strides[i] = strides
-        p = self.params[i]
         for name, flat in self.buffers.items():
             view = self._state_view(flat, i)
             view.copy_(old[name])
-            self.state[p][name] = view
+            self._publish(i, name, view)
 
     def seed_averages(self) -> None:
         """Every average ← θ: averages start from the weights as they are at the first step."""
         for name in self.average_names:
             flat = self.buffers[name]
             torch._foreach_copy_([self.view(flat, i) for i in range(len(self.params))],
-                                 [p.detach() for p in self.params])
+                                 [self.local_param(i).detach() for i in range(len(self.params))])
 
     # --- per step ---------------------------------------------------------------------------------
     def current(self, addresses_match) -> bool:
@@ -201,12 +235,18 @@ class Bucket:
 
         An empty tensor's address is 0 with or without a gradient, so the tables cannot tell whether it has
         one: that is checked here (the cache holds one launch, for parameters all with or all without one).
+        A sharded bucket compares its local shards' addresses in Python: ``addresses_match`` reads ``p.grad``
+        of the tensors it is given, and a local shard's gradient is its DTensor's.
         """
         if self._cache is None:
             return False
         has_grad = self._cache[0][0]
         if any((self.params[i].grad is not None) != has_grad for i in self._empty):
             return False
+        if self.sharded:
+            return all(launch.addresses.tolist() == _address_rows(
+                [self.local_param(i) for i in launch.indices], launch.grads() if launch.with_grads else None)
+                for _, launch in self._cache)
         return all(addresses_match(launch.params, launch.addresses) for _, launch in self._cache)
 
     def _check(self, i: int, p: torch.Tensor, grad) -> None:
@@ -228,7 +268,9 @@ class Bucket:
     def check(self) -> None:
         """Check every parameter and gradient, changing nothing (the cache did not hold)."""
         for i, p in enumerate(self.params):
-            self._check(i, p, p.grad)
+            if self.sharded and p.grad is not None:
+                _distributed.check_gradient(p, p.grad, f"parameter {i} of param group {self.group_index}")
+            self._check(i, self.local_param(i), self.local_grad(i))
 
     def launches(self, cache_holds: bool) -> list[tuple[bool, _Launch]]:
         """Count this step for every parameter with a gradient; return ``(has_grad, launch)`` pairs.
@@ -262,6 +304,7 @@ class Bucket:
 
     def _flat_refresh(self) -> None:
         """flat_params: bring relocated parameters and separate gradients back into the flat buffers."""
+        self._refuse_foreign_flat_buffer()
         for i, p in enumerate(self.params):
             view = self.view(self.data, i)
             if p.data_ptr() != view.data_ptr():
@@ -270,6 +313,26 @@ class Bucket:
             if p.grad is not None and p.grad.data_ptr() != self._flat_grad_addresses[i]:
                 self.view(self.grad, i).copy_(p.grad)
                 p.grad = self.view(self.grad, i)
+
+    def _refuse_foreign_flat_buffer(self) -> None:
+        """Raise, changing nothing, if parameters were moved into one storage that is not fastavg's.
+
+        That is another engine's flat buffer (ZeroRedundancyOptimizer(parameters_as_bucket_view=True) re-points
+        ``p.data`` at its buckets): copying them back would leave its buffer stale, and it broadcasts that buffer.
+        A single parameter given a tensor of its own is brought back as usual.
+        """
+        owners: dict = {}
+        for i, p in enumerate(self.params):
+            if p.numel() and p.data_ptr() != self.view(self.data, i).data_ptr():
+                owners.setdefault(p.untyped_storage().data_ptr(), []).append(i)
+        shared = next((indices for indices in owners.values() if len(indices) > 1), None)
+        if shared is not None:
+            raise RuntimeError(
+                f"parameters {shared} of param group {self.group_index} were moved into one storage that is not "
+                "fastavg's: another engine keeps them in a flat buffer of its own (ZeroRedundancyOptimizer with "
+                "parameters_as_bucket_view=True does). flat_params=True would move them back and leave that buffer "
+                "stale, and the replicas would diverge: build the optimizer with flat_params=False (the default), "
+                "which steps the parameters where the engine keeps them")
 
     def _plan(self, groups) -> list[tuple[bool, _Launch]]:
         """The launches for parameters grouped by ``groups[i]`` (a step count, or None: no gradient)."""
@@ -287,7 +350,7 @@ class Bucket:
     def _launch_for(self, indices: list[int], with_grads: bool) -> _Launch:
         rows, param_staging, grad_staging = [], {}, {}
         for k, i in enumerate(indices):
-            p = self.params[i]
+            p = self.local_param(i)
             if not _same_layout(p, self.strides[i]):
                 if _segments.is_dense(p):
                     self._relayout(i, p.stride())
@@ -296,13 +359,14 @@ class Bucket:
                                                                 device=p.device)
             g = None
             if with_grads:
-                g = self.params[i].grad
+                g = self.local_grad(i)
                 if not _same_layout(g, self.strides[i]):
                     g = grad_staging[k] = torch.empty_strided(g.shape, self.strides[i], dtype=g.dtype,
                                                                device=g.device)
             rows += _segments.rows(p, g, self.offsets[i])
-        return _Launch(indices, [self.params[i] for i in indices], with_grads, _segments.table(rows, self.device),
-                       param_staging, grad_staging)
+        grads = (lambda: [self.local_grad(i) for i in indices]) if self.sharded else None
+        return _Launch(indices, [self.local_param(i) for i in indices], with_grads, _segments.table(rows, self.device),
+                       param_staging, grad_staging, grads=grads, direct=not self.sharded)
 
     def refresh_steps(self) -> None:
         """Note whether all parameters share one step count (then a step needs one launch)."""

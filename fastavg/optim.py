@@ -13,21 +13,13 @@ from __future__ import annotations
 
 import torch
 
-from . import _backends
+from . import _backends, _distributed
 from ._common import AdamArguments, AdamWArguments, AveragingOptimizer, SGDArguments
-from .averaging import RULE_NONE, AveragePlan
+from .averaging import RULE_NONE, AveragePlan, _Averager
 from .buffers import Bucket, _Launch
 from .reference import average_kwargs, average_state
 
 __all__ = ["SGD", "Adam", "AdamW"]
-
-
-def _is_dtensor(p: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return False
-    return isinstance(p, DTensor)
 
 
 class _FusedOptimizer(AveragingOptimizer):
@@ -44,15 +36,21 @@ class _FusedOptimizer(AveragingOptimizer):
         self._weights_cpu = torch.zeros(count)
 
     def _init_group_state(self, group: dict) -> None:
+        """Buckets per (device, dtype, sharded): DTensor parameters (FSDP2, tensor parallelism) get buckets of
+        their own, over their local shards (see :mod:`fastavg._distributed`)."""
         by_key: dict = {}
         for p in group["params"]:
-            if _is_dtensor(p):
-                raise NotImplementedError(
-                    "fastavg's fused optimizers do not support DTensor parameters yet (FSDP2's fully_shard, tensor "
-                    "parallelism); use torch.optim for sharded models for now"
-                )
-            by_key.setdefault((p.device, p.dtype), []).append(p)
-        backends = {key: _backends.resolve(self._backend_request, *key) for key in by_key}
+            _distributed.check_parameter(p, f"fastavg.{type(self).__name__}")
+            sharded = _distributed.is_dtensor(p)
+            if sharded:
+                _distributed.check_averager_on_shards(self.average, f"fastavg.{type(self).__name__}")
+            if sharded and self._flat_params:
+                raise ValueError(
+                    "flat_params=True moves parameters into fastavg's buffers, which a DTensor parameter (FSDP2's "
+                    "fully_shard, tensor parallelism) cannot follow: its engine owns its storage; leave flat_params "
+                    "False (the default)")
+            by_key.setdefault((p.device, p.dtype, sharded), []).append(p)
+        backends = {key: _backends.resolve(self._backend_request, *key[:2]) for key in by_key}
         buckets = []
         for key, params in by_key.items():
             buckets.append(Bucket(params, self._optimizer_state(group), self.average, self.state,
@@ -75,7 +73,12 @@ class _FusedOptimizer(AveragingOptimizer):
     @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None):
-        """One fused optimizer step and averaging; see :mod:`fastavg.reference` for the exact order."""
+        """One fused optimizer step and averaging; see :mod:`fastavg.reference` for the exact order.
+
+        Under ``torch.amp.GradScaler`` (see ``_step_supports_amp_scaling``) the kernels unscale the gradients and,
+        when GradScaler found an inf or NaN, change nothing: the step counts then end as if the step never happened.
+        """
+        self._settle_amp_step()
         loss = self._begin_step(closure)
         if self._on_gpu and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
@@ -97,14 +100,23 @@ class _FusedOptimizer(AveragingOptimizer):
                 self._weights_float64[k] = weight
             self._weights_cpu.copy_(self._weights_float64)
         holds = iter(holds)
-        for group, group_buckets in zip(self.param_groups, self._buckets):
-            for name in self._optimizer_state(group):
+        # GradScaler's tensors, set on the optimizer by GradScaler.step (grad_scale is None when the gradients were
+        # unscaled already by scaler.unscale_(opt)); with them, the parameters each launch stepped.
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        self._amp = _AmpStep(grad_scale, found_inf) if grad_scale is not None or found_inf is not None else None
+        try:
+            for group, group_buckets in zip(self.param_groups, self._buckets):
+                for name in self._optimizer_state(group):
+                    for bucket in group_buckets:
+                        if name not in bucket.buffers:
+                            bucket.add_buffer(name)
                 for bucket in group_buckets:
-                    if name not in bucket.buffers:
-                        bucket.add_buffer(name)
-            for bucket in group_buckets:
-                for has_grad, launch in bucket.launches(next(holds)):
-                    self._launch(group, bucket, plan, has_grad, launch)
+                    for has_grad, launch in bucket.launches(next(holds)):
+                        self._launch(group, bucket, plan, has_grad, launch)
+        finally:
+            amp, self._amp = self._amp, None
+        if amp is not None and amp.found_inf is not None and self._amp_step_skipped(amp):
+            return loss  # nothing changed; the counters are back where they were
         self._finish_average_step()
         return loss
 
@@ -140,19 +152,99 @@ class _FusedOptimizer(AveragingOptimizer):
         else:
             params, grads = launch.tensors()
             ops, tensors = bucket.backend, ((params, grads) if has_grad else (params,))
+        grad_scale = found_inf = None
+        amp = getattr(self, "_amp", None)
+        if amp is not None:
+            grad_scale, found_inf = amp.on(bucket.device)
+            if has_grad:
+                amp.stepped.append((bucket, launch.indices))
         if has_grad:
             state = [bucket.buffers[name] for name in self._optimizer_state(group)]
             self._fused_step(ops, group, tensors, launch.table, state, averages, lr, step, weights, plan.rule,
-                             kwargs["reaction"], kwargs["inertia"], plan.switch)
+                             kwargs["reaction"], kwargs["inertia"], plan.switch, grad_scale=grad_scale,
+                             found_inf=found_inf)
         else:
             ops.average_(*tensors, launch.table, averages, weights, plan.rule, kwargs["reaction"], kwargs["inertia"],
-                         plan.switch)
+                         plan.switch, found_inf=found_inf)
+            if not _backends.average_writes_params(plan.rule, plan.switch):
+                return  # θ only read: nothing to copy back from a staged parameter
         launch.finish()
 
     def _fused_step(self, ops, group, tensors, segments, state, averages, lr, step, weights, rule, reaction, inertia,
-                    switch):
+                    switch, grad_scale=None, found_inf=None):
         """``ops.<optimizer>_step_(*tensors, segments, ...)``: ``tensors`` is ``(params, grads)`` or ``(params,)``."""
         raise NotImplementedError
+
+    # --- torch.amp.GradScaler in the kernel -------------------------------------------------------------
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """Whether ``GradScaler.step`` hands this optimizer its scale and found_inf (``opt.grad_scale``,
+        ``opt.found_inf``) and calls ``step()`` directly, as for torch's fused optimizers: the kernels then unscale
+        the gradients in registers (``p.grad`` keeps the scaled values, where torch's fused kernels write the
+        unscaled ones back) and on found_inf change nothing, with no host synchronisation on a GPU.
+
+        False where the averager acts on the host right after a step (PowerEMA writing snapshots,
+        ``snapshot_every``): the host would have to know at once whether the step happened, so GradScaler takes its
+        usual path (unscale the gradients, skip ``step()`` on an inf)."""
+        average = self.average
+        if average is None or type(average).after_step is _Averager.after_step:
+            return True
+        return getattr(average, "snapshot_every", 1) is None
+
+    def _amp_step_skipped(self, amp: "_AmpStep") -> bool:
+        """After a step's launches under GradScaler: on the CPU, read found_inf (free) and, if the step was skipped,
+        take its counts back now; on a GPU, queue a copy of found_inf to pinned host memory and an event, and settle
+        at the next step, state_dict, load_state_dict, averaged_parameters or swap_average (waiting only for this
+        step's kernels). Returns whether the step is known to be skipped now."""
+        found_inf = amp.found_inf
+        if found_inf.device.type != "cuda":
+            skipped = float(found_inf.reshape(-1)[0]) != 0.0
+            if skipped:
+                self._undo_step(amp.stepped)
+            return skipped
+        # One pinned value per optimizer: the previous step's is settled before this step launches.
+        host = getattr(self, "_amp_host", None)
+        if host is None or host.dtype != found_inf.dtype:
+            host = self._amp_host = torch.empty((), dtype=found_inf.dtype, pin_memory=True)
+        host.copy_(found_inf.reshape(()), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(found_inf.device))
+        self._pending_amp = (host, event, amp.stepped)
+        return False
+
+    def _settle_amp_step(self) -> None:
+        """Apply a pending GradScaler skip of the last step (GPU): its counts are taken back if it was skipped."""
+        pending = getattr(self, "_pending_amp", None)
+        if pending is None:
+            return
+        self._pending_amp = None
+        host, event, stepped = pending
+        event.synchronize()
+        if float(host) != 0.0:
+            self._undo_step(stepped)
+
+    def _undo_step(self, stepped) -> None:
+        """The step's counts back where they were: the stepped parameters' steps and the averaging step."""
+        for bucket, indices in stepped:
+            bucket.steps[torch.tensor(indices, dtype=torch.long)] -= 1
+            bucket.refresh_steps()
+        self._average_step -= 1
+
+    def state_dict(self):
+        self._settle_amp_step()
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict) -> None:
+        self._settle_amp_step()
+        return super().load_state_dict(state_dict)
+
+    def averaged_parameters(self, index: int = 0) -> list[torch.Tensor]:
+        self._settle_amp_step()
+        return super().averaged_parameters(index)
+
+    def swap_average(self, *args, **kwargs):
+        self._settle_amp_step()
+        return super().swap_average(*args, **kwargs)
 
     def _after_load(self) -> None:
         for bucket in self._all_buckets():
@@ -160,26 +252,45 @@ class _FusedOptimizer(AveragingOptimizer):
             bucket._cache = None
 
 
+class _AmpStep:
+    """GradScaler's tensors for one step, moved to each bucket's device once, and the (bucket, indices) of the
+    parameters the step counted."""
+
+    def __init__(self, grad_scale, found_inf):
+        self.grad_scale, self.found_inf = grad_scale, found_inf
+        self._on: dict = {}
+        self.stepped: list = []
+
+    def on(self, device: torch.device):
+        if device not in self._on:
+            # Asynchronous only towards a GPU: a CPU kernel reads its copy at once.
+            self._on[device] = tuple(
+                None if t is None else t.to(device, torch.float32, non_blocking=device.type == "cuda").reshape(1)
+                for t in (self.grad_scale, self.found_inf))
+        return self._on[device]
+
+
 class SGD(SGDArguments, _FusedOptimizer):
     """Fused SGD; ``momentum_style="torch"`` is exactly ``torch.optim.SGD``, ``"heavy_ball"`` Polyak's form."""
 
     def _fused_step(self, ops, group, tensors, segments, state, averages, lr, step, weights, rule, reaction, inertia,
-                    switch):
+                    switch, grad_scale=None, found_inf=None):
         ops.sgd_step_(*tensors, segments, state, averages, lr, step, weights, float(group["momentum"]),
                           float(group["dampening"]), float(group["weight_decay"]), bool(group["nesterov"]),
                           bool(group["maximize"]), group["momentum_style"] == "heavy_ball", rule, reaction, inertia,
-                          switch)
+                          switch, grad_scale=grad_scale, found_inf=found_inf)
 
 
 class Adam(AdamArguments, _FusedOptimizer):
     """Fused Adam (L2 weight decay), exactly ``torch.optim.Adam`` including amsgrad and maximize."""
 
     def _fused_step(self, ops, group, tensors, segments, state, averages, lr, step, weights, rule, reaction, inertia,
-                    switch):
+                    switch, grad_scale=None, found_inf=None):
         beta1, beta2 = group["betas"]
         ops.adam_step_(*tensors, segments, state, averages, lr, step, weights, float(beta1), float(beta2),
                            float(group["eps"]), float(group["weight_decay"]), bool(group["decoupled_weight_decay"]),
-                           bool(group["amsgrad"]), bool(group["maximize"]), rule, reaction, inertia, switch)
+                           bool(group["amsgrad"]), bool(group["maximize"]), rule, reaction, inertia, switch,
+                           grad_scale=grad_scale, found_inf=found_inf)
 
 
 class AdamW(AdamWArguments, Adam):

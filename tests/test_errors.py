@@ -185,31 +185,3 @@ def test_direct_op_call_with_wrong_buffers_raises_not_crashes():
     with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
         torch.ops.fastavg.average_([p64], _segments.build([p64], None, [0], p.device), [torch.zeros(8)], w, 1, 0.0,
                                    0.0, False)
-
-
-def test_dtensor_parameters_are_refused_at_construction_with_the_wrapper_named():
-    script = """
-import os, torch, torch.distributed as dist
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
-dist.init_process_group("gloo", rank=0, world_size=1)
-from torch.distributed.fsdp import fully_shard
-import fastavg
-model = torch.nn.Linear(4, 2)
-fully_shard(model)
-try:
-    fastavg.AdamW(model.parameters())
-except NotImplementedError as error:
-    print(error)
-dist.destroy_process_group()
-"""
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PORT": str(port)})
-    assert "DTensor parameters" in out.stdout and "fully_shard" in out.stdout, out.stderr

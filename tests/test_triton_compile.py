@@ -33,9 +33,9 @@ SPECIALIZATIONS = {
                        ["param", "exp_avg", "exp_avg_sq", "average"]),
     "sgd_momentum_ema_fp32": ("fp32/sgd+mom/emax1", ["param", "grad", "momentum_buffer", "average"],
                               ["param", "momentum_buffer", "average"]),
-    "average_ema_fp32": ("fp32/none/emax1", ["param", "average"], ["param", "average"]),
-    "average_lawa_bf16": ("bf16/none/lawa", ["param", "lawa_sum", "lawa_ring_slot"],
-                          ["param", "lawa_sum", "lawa_ring_slot"]),
+    # Averaging alone reads θ and never stores it (only BELAY and a switch change it).
+    "average_ema_fp32": ("fp32/none/emax1", ["param", "average"], ["average"]),
+    "average_lawa_bf16": ("bf16/none/lawa", ["param", "lawa_sum", "lawa_ring_slot"], ["lawa_sum", "lawa_ring_slot"]),
 }
 MASKED_COLUMNS = 128  # fastavg._triton._MASKED_COLUMNS
 

@@ -10,9 +10,10 @@
 // schedule asked for (thread and block orders) on two emulated devices whose grids differ (a block per row;
 // 3 blocks striding over the rows), from the same inputs each time. Every byte of every buffer is compared
 // with the scalar loop's: whole storages (what lies outside the rows must not move), grads, the table and
-// the scalars (untouched). A case also fails if the step changed nothing, or if a row did not take the path
+// the scalars (untouched). A case also fails if the step changed nothing, if a row did not take the path
 // its alignment calls for (the vector path when the param, grad and every flat buffer of the row start on a
-// 16-byte boundary): the emulation checks that every access is inside a buffer and logs its width.
+// 16-byte boundary), or if it stored θ when the step cannot change it (averaging alone without BELAY or a
+// switch) or did not when it can: the emulation checks that every access is inside a buffer and logs its width.
 //
 // Every buffer is its own allocation of exactly its size (cudaMalloc of the emulation), so that under
 // AddressSanitizer an access one element past any buffer is reported.
@@ -104,7 +105,8 @@ class Random {
 
 // --- the matrix --------------------------------------------------------------------------------------------
 
-// tests/test_cuda.py's OP_OPTIMIZERS (same names and values), average_ alone, heavy ball without momentum.
+// tests/test_cuda.py's OP_OPTIMIZERS (same names and values), average_ alone, heavy ball without momentum, and
+// GradScaler's tensors: a scale the gradients are unscaled by, a found_inf that makes the launch change nothing.
 struct OptimizerCase {
   const char* name;
   Optimizer optimizer;
@@ -113,20 +115,24 @@ struct OptimizerCase {
   double beta1, beta2, eps;
   bool decoupled_weight_decay, amsgrad;
   float step;
+  float grad_scale;  // 0: none
+  float found_inf;   // 0: none (a nonzero value: the launch changes nothing)
 };
 constexpr Optimizer kSgd = Optimizer::sgd_torch, kHeavyBall = Optimizer::sgd_heavy_ball, kAdam = Optimizer::adam;
 const OptimizerCase kOptimizers[] = {
-    {"average_", Optimizer::none, 0, 0, 0, false, false, 0, 0, 0, false, false, 0.f},
-    {"sgd", kSgd, 0.0, 0.0, 0.0, false, false, 0, 0, 0, false, false, 3.f},
-    {"sgd_first_step", kSgd, 0.9, 0.1, 0.01, false, false, 0, 0, 0, false, false, 1.f},
-    {"sgd_nesterov", kSgd, 0.9, 0.0, 0.01, true, true, 0, 0, 0, false, false, 5.f},
-    {"sgd_heavy_ball", kHeavyBall, 0.9, 0.0, 0.01, false, false, 0, 0, 0, false, false, 5.f},
-    {"sgd_heavy_ball_nesterov", kHeavyBall, 0.9, 0.0, 0.0, true, true, 0, 0, 0, false, false, 5.f},
-    {"sgd_heavy_ball_no_momentum", kHeavyBall, 0.0, 0.0, 0.01, false, true, 0, 0, 0, false, false, 2.f},
-    {"adam", kAdam, 0, 0, 0.01, false, false, 0.9, 0.999, 1e-8, false, false, 3.f},
-    {"adam_amsgrad", kAdam, 0, 0, 0.01, false, true, 0.8, 0.99, 1e-6, false, true, 7.f},
-    {"adamw", kAdam, 0, 0, 0.1, false, false, 0.9, 0.999, 1e-8, true, false, 3.f},
-    {"adamw_amsgrad", kAdam, 0, 0, 0.1, false, false, 0.9, 0.999, 1e-8, true, true, 2.f},
+    {"average_", Optimizer::none, 0, 0, 0, false, false, 0, 0, 0, false, false, 0.f, 0.f, 0.f},
+    {"sgd", kSgd, 0.0, 0.0, 0.0, false, false, 0, 0, 0, false, false, 3.f, 0.f, 0.f},
+    {"sgd_first_step", kSgd, 0.9, 0.1, 0.01, false, false, 0, 0, 0, false, false, 1.f, 0.f, 0.f},
+    {"sgd_nesterov", kSgd, 0.9, 0.0, 0.01, true, true, 0, 0, 0, false, false, 5.f, 0.f, 0.f},
+    {"sgd_heavy_ball", kHeavyBall, 0.9, 0.0, 0.01, false, false, 0, 0, 0, false, false, 5.f, 0.f, 0.f},
+    {"sgd_heavy_ball_nesterov", kHeavyBall, 0.9, 0.0, 0.0, true, true, 0, 0, 0, false, false, 5.f, 0.f, 0.f},
+    {"sgd_heavy_ball_no_momentum", kHeavyBall, 0.0, 0.0, 0.01, false, true, 0, 0, 0, false, false, 2.f, 0.f, 0.f},
+    {"adam", kAdam, 0, 0, 0.01, false, false, 0.9, 0.999, 1e-8, false, false, 3.f, 0.f, 0.f},
+    {"adam_amsgrad", kAdam, 0, 0, 0.01, false, true, 0.8, 0.99, 1e-6, false, true, 7.f, 0.f, 0.f},
+    {"adamw", kAdam, 0, 0, 0.1, false, false, 0.9, 0.999, 1e-8, true, false, 3.f, 0.f, 0.f},
+    {"adamw_amsgrad", kAdam, 0, 0, 0.1, false, false, 0.9, 0.999, 1e-8, true, true, 2.f, 0.f, 0.f},
+    {"adamw_grad_scale", kAdam, 0, 0, 0.1, false, false, 0.9, 0.999, 1e-8, true, false, 3.f, 3.f, 0.f},
+    {"sgd_found_inf", kSgd, 0.9, 0.1, 0.01, true, false, 0, 0, 0, false, false, 4.f, 1024.f, 1.f},
 };
 
 // tests/test_cuda.py's OP_AVERAGINGS.
@@ -198,6 +204,7 @@ struct Case {
   std::vector<int> param, grad;
   int state[3] = {-1, -1, -1}, averages[kMaxAverages] = {-1, -1, -1, -1, -1, -1, -1, -1};
   int num_averages = 0, velocity = -1, lawa_sum = -1, ring = -1, lr = -1, step = -1, weights = -1, table = -1;
+  int grad_scale = -1, found_inf = -1;
   std::vector<Row> rows;
   std::vector<int64_t> offsets;
   StepConfig config;
@@ -355,6 +362,16 @@ Case make_case(const OptimizerCase& o, const AveragingCase& a, int64_t skew, uin
     c.step = add_buffer(c, "step", sizeof(float));
     std::memcpy(c.buffers.back().initial.data(), &o.step, sizeof(float));
   }
+  if (o.grad_scale != 0.f) {
+    // What the op hands the kernel: 1/scale, as GradScaler.unscale_ computes it.
+    const float inverse = static_cast<float>(1.0 / static_cast<double>(o.grad_scale));
+    c.grad_scale = add_buffer(c, "inv_grad_scale", sizeof(float));
+    std::memcpy(c.buffers.back().initial.data(), &inverse, sizeof(float));
+  }
+  if (o.found_inf != 0.f) {
+    c.found_inf = add_buffer(c, "found_inf", sizeof(float));
+    std::memcpy(c.buffers.back().initial.data(), &o.found_inf, sizeof(float));
+  }
   if (a.rule != AverageRule::lawa) {
     // Exactly the weights of the rule (one unused value when it has none, as the tests pass).
     const std::vector<float> weights = a.weights.empty() ? std::vector<float>{0.f} : a.weights;
@@ -389,6 +406,8 @@ Case make_case(const OptimizerCase& o, const AveragingCase& a, int64_t skew, uin
   b.lr = device(c.lr);
   b.step = device(c.step);
   b.average_weights = device(c.weights);
+  b.inv_grad_scale = device(c.grad_scale);
+  b.found_inf = device(c.found_inf);
 
   // Which path each row takes: the vector one when all its buffers start on a 16-byte boundary.
   for (const Segment& s : table) {
@@ -421,7 +440,10 @@ void reference_step(Case& c) {
   float* lawa_sum = flat(c.lawa_sum);
   Bits* ring = c.ring < 0 ? nullptr : c.buffers[c.ring].expected_as<Bits>();
   const std::vector<float>& weights = c.averaging->weights;
+  if (c.optimizer->found_inf != 0.f) return;  // GradScaler found an inf: nothing changes
   const StepScalars s = optimizer == Optimizer::none ? StepScalars{} : step_scalars(kLr, c.optimizer->step, cfg);
+  const float inv_grad_scale =
+      c.optimizer->grad_scale != 0.f ? static_cast<float>(1.0 / c.optimizer->grad_scale) : 1.f;
   const auto at_or_null = [](float* buffer, int64_t at) { return buffer ? buffer + at : nullptr; };
 
   for (const Row& r : c.rows) {
@@ -434,7 +456,7 @@ void reference_step(Case& c) {
       const int64_t at = r.offset + j;
       float theta = D::to_float(param[j]);
       if (optimizer != Optimizer::none) {
-        const float g = D::to_float(grad[j]);
+        const float g = D::to_float(grad[j]) * inv_grad_scale;
         switch (optimizer) {
           case Optimizer::adam:
             theta = adam_rule(theta, g, state[0] + at, state[1] + at, at_or_null(state[2], at), cfg, s);
@@ -461,14 +483,16 @@ void reference_step(Case& c) {
         case AverageRule::none: break;
       }
       if (cfg.switch_to_average) theta = switch_rule(averages[0][at]);
-      param[j] = D::from_float(theta);
+      if (writes_param(optimizer, rule, cfg)) param[j] = D::from_float(theta);
     }
   }
 }
 
-// Each row took its path: from the log of the launch's accesses wider than an element, the 16-byte ones
-// inside the row's params are one load and one store per whole pack on the vector path, none on the scalar
-// path; and no other width touches a param.
+// Each row took its path, and θ was stored only where the step can change it: from the log of every access of
+// the launch, the ones inside a row's params are, on the vector path, one 16-byte load per whole pack and one
+// element-wide load per element of the tail, on the scalar path one element-wide load per element; plus as many
+// stores again when the step writes θ (writes_param), none when it does not (averaging alone without BELAY or a
+// switch). No other width touches a param.
 template <typename D>
 std::string path_errors(const Case& c, const std::vector<cuda_emulation::Access>& log) {
   constexpr int64_t kPack = 16 / sizeof(typename D::Bits);
@@ -476,7 +500,7 @@ std::string path_errors(const Case& c, const std::vector<cuda_emulation::Access>
   std::vector<std::pair<uintptr_t, size_t>> starts;  // param address of each row -> row
   for (size_t r = 0; r < c.rows.size(); ++r) starts.emplace_back(static_cast<uintptr_t>(table[r].param), r);
   std::sort(starts.begin(), starts.end());
-  std::vector<int64_t> packs(c.rows.size(), 0);
+  std::vector<int64_t> packs(c.rows.size(), 0), elements(c.rows.size(), 0);
   std::ostringstream errors;
   for (const cuda_emulation::Access& a : log) {
     auto it = std::upper_bound(starts.begin(), starts.end(), std::make_pair(a.address, ~size_t{0}));
@@ -486,16 +510,24 @@ std::string path_errors(const Case& c, const std::vector<cuda_emulation::Access>
     if (a.address >= it->first + c.rows[r].numel * sizeof(typename D::Bits)) continue;  // not a param
     if (a.bytes == 16) {
       packs[r] += 1;
+    } else if (a.bytes == sizeof(typename D::Bits)) {
+      elements[r] += 1;
     } else {
       errors << " row " << r << " has a " << a.bytes << "-byte param access;";
     }
   }
+  const int64_t accesses = c.optimizer->found_inf != 0.f                                          ? 0
+                           : writes_param(c.optimizer->optimizer, c.averaging->rule, c.config) ? 2
+                                                                                                : 1;
   for (size_t r = 0; r < c.rows.size(); ++r) {
-    const int64_t expected = c.vector_path[r] ? 2 * (c.rows[r].numel / kPack) : 0;
-    if (packs[r] != expected) {
-      errors << " row " << r << " (" << c.rows[r].numel << " elements, "
-             << (c.vector_path[r] ? "aligned" : "not aligned") << ") made " << packs[r]
-             << " 16-byte param accesses instead of " << expected << ";";
+    const int64_t numel = c.rows[r].numel;
+    const int64_t whole_packs = c.vector_path[r] ? numel / kPack : 0;
+    const int64_t expected_packs = accesses * whole_packs;
+    const int64_t expected_elements = accesses * (numel - whole_packs * kPack);
+    if (packs[r] != expected_packs || elements[r] != expected_elements) {
+      errors << " row " << r << " (" << numel << " elements, " << (c.vector_path[r] ? "aligned" : "not aligned")
+             << ") made " << packs[r] << " 16-byte and " << elements[r] << " element-wide param accesses instead of "
+             << expected_packs << " and " << expected_elements << ";";
     }
   }
   return errors.str();
@@ -579,7 +611,8 @@ void run_case(const OptimizerCase& o, const AveragingCase& a, int64_t skew, cons
   reference_step<D>(c);
   bool changes = false;
   for (const Buffer& b : c.buffers) changes |= b.expected != b.initial;
-  const bool no_op = o.optimizer == Optimizer::none && a.rule == AverageRule::none && !a.switch_to_average;
+  const bool no_op =
+      (o.optimizer == Optimizer::none && a.rule == AverageRule::none && !a.switch_to_average) || o.found_inf != 0.f;
   if (!changes && !no_op) report(describe<D>(c) + ": the scalar loop changed nothing, so the case proves nothing");
 
   std::vector<std::vector<unsigned char>> first_run;
@@ -589,8 +622,8 @@ void run_case(const OptimizerCase& o, const AveragingCase& a, int64_t skew, cons
       cuda_emulation::set_schedule(kSchedules[schedule].order, options.seed + 7919u * totals.runs);
       cudaSetDevice(device);
       std::vector<cuda_emulation::Access> log;
-      // The first run of a case checks every access and logs those wider than any element (the packs).
-      cuda_emulation::set_access_log(first_run.empty() ? &log : nullptr, 8);
+      // The first run of a case checks and logs every access (the packs, and the param's loads and stores).
+      cuda_emulation::set_access_log(first_run.empty() ? &log : nullptr, 1);
       step_cuda(o.optimizer, a.rule, D::dtype, c.pointers, c.config, nullptr);
       cuda_emulation::set_access_log(nullptr);
       totals.runs += 1;

@@ -45,8 +45,8 @@ MUTATIONS = [
      {"emulator", "AddressSanitizer", "scalar loop"}),
     ("missing __syncthreads",
      "no barrier between thread 0 writing the shared step scalars and weights and the block reading them",
-     "  __syncthreads();\n  const StepScalars s = shared_scalars;",
-     "  const StepScalars s = shared_scalars;",
+     "  __syncthreads();\n  if (shared_skip) return;",
+     "  if (shared_skip) return;",
      {"scalar loop", "thread order"}),
     ("vector path never taken",
      "the alignment check always fails: aligned rows take the scalar path (same numbers, a fraction of the "
@@ -54,6 +54,17 @@ MUTATIONS = [
      "return bits % kVectorBytes == 0;",
      "return bits == ~bits;",
      {"path check"}),
+    ("param stored by averaging alone",
+     "the parameter is stored back on every step, also by averaging alone, which cannot change it (the same "
+     "numbers, 4 more bytes per fp32 element on a GPU)",
+     "if (writes_param(O, R, R != AverageRule::lawa && c.switch_to_average)) {",
+     "if (true) {",
+     {"path check"}),
+    ("param never stored",
+     "the store of θ is skipped whenever no optimizer runs: BELAY's pull and a switch are lost",
+     "if (writes_param(O, R, R != AverageRule::lawa && c.switch_to_average)) {",
+     "if (O != Optimizer::none) {",
+     {"scalar loop", "path check"}),
     ("grid stride",
      "blocks stride over the rows by the block size instead of the grid size: rows are skipped when the grid "
      "is smaller than the table",

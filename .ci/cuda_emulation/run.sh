@@ -12,7 +12,8 @@
 #    out-of-bounds access, misaligned access or other undefined behaviour fails the run, and so does a
 #    result that differs between thread orders or grids.
 # 3. mutations: mutations.py injects known bugs into copies of the file (out-of-bounds index, misaligned
-#    vector path, off-by-one tails, missing __syncthreads, vector path never taken, wrong grid stride) and
+#    vector path, off-by-one tails, missing __syncthreads, vector path never taken, the parameter stored by
+#    averaging alone or never stored, wrong grid stride) and
 #    requires the sanitized harness to catch each one.
 #
 # Floating-point contraction is off (-ffp-contract=off) for the kernels and the scalar loop alike, as for
