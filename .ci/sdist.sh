@@ -17,7 +17,10 @@ sdist=("$work"/fastavg-*.tar.gz)
 "$PYTHON" -m venv "$work/venv"
 python="$work/venv/bin/python"
 # setuptools: tests/test_build.py runs the sdist's setup.py.
-"$python" -m pip install -q "torch==2.13.0+cpu" pytest setuptools --extra-index-url https://download.pytorch.org/whl/cpu
+# --retries 0: where PyTorch's index is out of reach (a machine with a local wheel of torch), pip would retry it
+# five times for every package; where it is reachable, one try suffices.
+"$python" -m pip install -q --retries 0 "torch==2.13.0+cpu" pytest setuptools \
+  --extra-index-url https://download.pytorch.org/whl/cpu
 "$python" -m pip install -q "${sdist[0]}"
 tar xzf "${sdist[0]}" -C "$work"
 cd "$work"/fastavg-*/
