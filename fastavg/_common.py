@@ -58,7 +58,8 @@ def check_tensor_lr(group: dict) -> None:
 
 
 def check_torch_keywords(foreach, fused, differentiable, capturable=False) -> None:
-    """torch.optim's implementation switches, accepted with torch's values; see the constructors' docstrings."""
+    """torch.optim's implementation switches, accepted with torch's values; see the constructors' docstrings.
+    ``capturable`` is Adam's and AdamW's (see :mod:`fastavg.optim`)."""
     for name, value in (("foreach", foreach), ("fused", fused)):
         if value is not None and not isinstance(value, bool):
             raise TypeError(f"{name} must be None, True or False, got {value!r}")
@@ -68,13 +69,9 @@ def check_torch_keywords(foreach, fused, differentiable, capturable=False) -> No
     if differentiable:
         raise NotImplementedError("differentiable=True is not supported: fastavg's fused step is not differentiable "
                                   "(as torch's fused=True path); use torch.optim with differentiable=True")
-    if capturable:
-        raise NotImplementedError("capturable=True is not supported yet: fastavg.step() reads lr and the step count "
-                                  "on the host; capture the ops (torch.ops.fastavg.*) directly, or use torch.optim "
-                                  "with capturable=True")
 
 
-def check_sgd_group(group: dict) -> None:
+def check_sgd_group(group: dict, at_step: bool = False) -> None:
     check_tensor_lr(group)
     check_nonnegative("lr", group["lr"])
     check_nonnegative("momentum", group["momentum"])
@@ -90,9 +87,13 @@ def check_sgd_group(group: dict) -> None:
         raise ValueError("dampening is defined only for momentum_style='torch'; set dampening=0")
 
 
-def check_adam_group(group: dict) -> None:
+def check_adam_group(group: dict, at_step: bool = False) -> None:
+    """``at_step``: the check before each step, which with capturable=True reads no tensor lr (a host read of a
+    device value); its value was checked when the group was made, as in torch.optim."""
     check_tensor_lr(group)
-    check_nonnegative("lr", group["lr"])
+    capturable = group.get("capturable", False)
+    if not (at_step and capturable and isinstance(group["lr"], torch.Tensor)):
+        check_nonnegative("lr", group["lr"])
     check_nonnegative("eps", group["eps"])
     check_nonnegative("weight_decay", group["weight_decay"])
     betas = group["betas"]
@@ -104,9 +105,12 @@ def check_adam_group(group: dict) -> None:
     tensors = [isinstance(beta, torch.Tensor) for beta in betas]
     if any(tensors) and not all(tensors):
         raise ValueError(f"betas must be either both floats or both Tensors, got {betas!r}")
-    if all(tensors) and group.get("foreach") and not group.get("capturable"):
+    if all(tensors) and group.get("foreach") and not capturable:
         raise ValueError("betas[0] as a Tensor is not supported for capturable=False and foreach=True (as in "
                          "torch.optim); pass floats, or leave foreach unset (fastavg always fuses)")
+    if capturable and any(isinstance(beta, torch.Tensor) and beta.device.type != "cpu" for beta in betas):
+        raise ValueError("betas on a device with capturable=True: fastavg's kernels take betas as arguments read on "
+                         "the host, which a CUDA graph would fix at capture; pass floats (or CPU tensors)")
     check_unit_interval("betas[0]", betas[0])
     check_unit_interval("betas[1]", betas[1])
 
@@ -164,7 +168,7 @@ class _State(collections.defaultdict):
 class AveragingOptimizer(torch.optim.Optimizer):
     """Base of every fastavg optimizer: param-group checks, the averaging API and the state dict."""
 
-    _check_group = staticmethod(lambda group: None)
+    _check_group = staticmethod(lambda group, at_step=False: None)
 
     def __init__(self, params, defaults: dict, average):
         self.average = check_averager(average)
@@ -225,7 +229,7 @@ class AveragingOptimizer(torch.optim.Optimizer):
 
     def _check_all_groups(self) -> None:
         for group in self.param_groups:
-            self._check_group(group)
+            self._check_group(group, at_step=True)
 
     def _begin_step(self, closure):
         """Run the closure (with grad enabled) and re-check the groups a scheduler may have changed."""
@@ -240,7 +244,10 @@ class AveragingOptimizer(torch.optim.Optimizer):
     def _advance_average_step(self) -> AveragePlan:
         """Count this step and return what its averaging does."""
         self._average_step += 1
-        return self.average.plan(self._average_step) if self.average is not None else NO_PLAN
+        return self._plan_of(self._average_step) if self.average is not None else NO_PLAN
+
+    def _plan_of(self, t: int) -> AveragePlan:
+        return self.average.plan(t)
 
     def _finish_average_step(self) -> None:
         """The averager's hook after a step's averaging (PowerEMA's snapshots)."""
@@ -470,8 +477,8 @@ class AveragingOptimizer(torch.optim.Optimizer):
 # ``(params, defaults, average, backend, flat_params)``. torch.optim's implementation switches are accepted
 # with torch's meaning where fastavg has one and kept in the param groups as torch keeps them, so that state
 # dicts have torch's keys: ``foreach`` and ``fused`` (None, True or False) change nothing, fastavg always runs
-# its fused kernels (``backend="reference"`` is the unfused path); ``differentiable=True`` and
-# ``capturable=True`` raise NotImplementedError.
+# its fused kernels (``backend="reference"`` is the unfused path); ``differentiable=True`` raises
+# NotImplementedError; ``capturable=True`` (Adam, AdamW) keeps the step counts on the device (fastavg.optim).
 class SGDArguments:
     _check_group = staticmethod(check_sgd_group)
 

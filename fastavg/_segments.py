@@ -46,10 +46,20 @@ def rows(param: torch.Tensor, grad: torch.Tensor | None, offset: int) -> list[tu
     return result
 
 
+# Host copies of the tables built while a CUDA graph was captured: every replay copies the table from there
+# again, so they are pinned and live as long as the process (a few bytes per parameter, once per capture).
+_CAPTURED_TABLE_SOURCES: list[torch.Tensor] = []
+
+
 def table(row_list: list[tuple[int, int, int, int]], device: torch.device) -> torch.Tensor:
     """The ``(n, 4)`` int64 table of ``row_list`` in ``device``'s memory."""
     host = torch.tensor(row_list, dtype=torch.int64).reshape(-1, len(COLUMNS))
-    return host if device.type == "cpu" else host.to(device, non_blocking=True)
+    if device.type == "cpu":
+        return host
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        host = host.pin_memory()
+        _CAPTURED_TABLE_SOURCES.append(host)
+    return host.to(device, non_blocking=True)
 
 
 def build(params: list[torch.Tensor], grads: list[torch.Tensor] | None, offsets: list[int],

@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 __all__ = ["EMA", "BELAY", "SWA", "LAWA", "SEMA", "PowerEMA", "BEMA", "AveragePlan", "sigma_rel_to_gamma"]
 
 RULE_NONE = 0
@@ -78,6 +80,20 @@ class _Averager:
 
     def after_step(self, t: int, averaged_parameters) -> None:
         """Called after step ``t`` has averaged; ``averaged_parameters(index)`` reads the averages."""
+
+    def capturable_plan(self) -> AveragePlan:
+        """The plan of every step under ``capturable=True``: one rule and switch for all steps, so that a CUDA graph
+        can replay them; the weights come from :meth:`device_weights` (the plan's own are placeholders).
+        Raises NotImplementedError for a schedule that changes what a step launches."""
+        raise NotImplementedError(
+            f"{type(self).__name__} with capturable=True is not supported: its schedule changes which buffers a step "
+            "touches from step to step, which a CUDA graph cannot follow; use capturable=False, or EMA, BELAY "
+            "(start=0, every=1), SWA or PowerEMA without snapshots")
+
+    def device_weights(self, t: torch.Tensor) -> torch.Tensor:
+        """``plan(t).weights`` computed with tensor ops from the float64 step count ``t`` (0-d, any device), with
+        weight 0 on steps where ``plan(t)`` averages nothing: no host read, so a CUDA graph can replay it."""
+        raise NotImplementedError
 
     def config(self) -> dict:
         """Hyperparameters, as saved in and checked by ``state_dict``."""
@@ -146,6 +162,26 @@ class EMA(_Averager):
     def plan(self, t: int) -> AveragePlan:
         return self._ema_plan(t)
 
+    def capturable_plan(self) -> AveragePlan:
+        return AveragePlan(RULE_EMA, (0.0,) * self.num_averages)
+
+    def _device_decay(self, decay: float, u: torch.Tensor) -> torch.Tensor:
+        """:meth:`decay_at` of a float64 tensor ``u``."""
+        if self.warmup == "tf":
+            return torch.clamp((1 + u) / (10 + u), max=decay)
+        if self.warmup == "power":
+            value = 1.0 - torch.pow(1.0 + u / self.inv_gamma, -self.power)
+            return torch.clamp(torch.clamp(value, min=self.min_decay), max=decay)
+        return torch.full_like(u, decay)
+
+    def device_weights(self, t: torch.Tensor) -> torch.Tensor:
+        since = t - self.start
+        u = torch.clamp(torch.div(since, self.every, rounding_mode="floor"), min=0)
+        update = torch.remainder(since, self.every) == 0
+        weights = [torch.where(since <= 0, 1.0, torch.where(update, 1.0 - self._device_decay(d, u), 0.0))
+                   for d in self.decay]
+        return torch.stack(weights)
+
 
 class BELAY(EMA):
     """BELAY: the average ``e`` and the model ``θ`` as two particles joined by a zero-length spring.
@@ -184,6 +220,15 @@ class BELAY(EMA):
             return plan  # the copy phase moves only the average
         return AveragePlan(RULE_BELAY, plan.weights)
 
+    def capturable_plan(self) -> AveragePlan:
+        # The copy phase and skipped steps run other rules than the spring (a zero weight would still decay v).
+        if self.start != 0 or self.every != 1:
+            raise NotImplementedError(
+                f"BELAY(start={self.start}, every={self.every}) with capturable=True is not supported: its copy phase "
+                "and skipped steps run another rule than the spring step, which a CUDA graph cannot follow; use "
+                "start=0 and every=1 (a warmup schedule is fine), or capturable=False")
+        return AveragePlan(RULE_BELAY, (0.0,))
+
 
 class SWA(_Averager):
     """Stochastic weight averaging: on update steps ``n ← n + 1``, ``e ← e + (θ − e)/n``.
@@ -203,6 +248,15 @@ class SWA(_Averager):
             return NO_PLAN
         n = (t - self.start) // self.every
         return AveragePlan(RULE_EMA, (1.0 / n,))
+
+    def capturable_plan(self) -> AveragePlan:
+        return AveragePlan(RULE_EMA, (0.0,))
+
+    def device_weights(self, t: torch.Tensor) -> torch.Tensor:
+        since = t - self.start
+        n = torch.clamp(torch.div(since, self.every, rounding_mode="floor"), min=1)
+        update = torch.remainder(since, self.every) == 0
+        return torch.where(since <= 0, 1.0, torch.where(update, 1.0 / n, 0.0)).reshape(1)
 
 
 class LAWA(_Averager):
@@ -246,6 +300,8 @@ class SEMA(EMA):
         super().__init__(decay, **ema_args)
         self.switch_every = _check_int("switch_every", switch_every, 1)
         self.switch_start = _check_int("switch_start", switch_start, 0)
+
+    capturable_plan = _Averager.capturable_plan  # its switch steps launch another op than the others
 
     def plan(self, t: int) -> AveragePlan:
         plan = self._ema_plan(t)
@@ -331,6 +387,17 @@ class PowerEMA(_Averager):
 
     def plan(self, t: int) -> AveragePlan:
         return AveragePlan(RULE_EMA, tuple(self.weight_at(g, t) for g in self.gamma))
+
+    def capturable_plan(self) -> AveragePlan:
+        if self.snapshot_every is not None:
+            raise NotImplementedError(
+                "PowerEMA(snapshot_every=...) with capturable=True is not supported: its snapshots are written from "
+                "the host after the step; use snapshot_every=None under capture, or capturable=False")
+        return AveragePlan(RULE_EMA, (0.0,) * self.num_averages)
+
+    def device_weights(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.where(t == 1, 1.0, -torch.expm1((g + 1.0) * torch.log1p(-1.0 / t)))
+                            for g in self.gamma])
 
     def after_step(self, t: int, averaged_parameters) -> None:
         if self.snapshot_every is None or t % self.snapshot_every:

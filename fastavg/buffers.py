@@ -115,7 +115,7 @@ class Bucket:
     """The flat state and average buffers of one (param group, device, dtype), and how to launch on them."""
 
     def __init__(self, params: list[torch.Tensor], optimizer_state: tuple[str, ...], average, state: dict,
-                 group_index: int, backend, flat_params: bool = False):
+                 group_index: int, backend, flat_params: bool = False, capturable: bool = False):
         self.params = params  # what optimizer.state is keyed by: the user's parameters (DTensors when sharded)
         # Sharded: the kernels run on the DTensors' local shards (see local_param() and local_grad()).
         self.sharded = _distributed.is_dtensor(params[0])
@@ -139,7 +139,8 @@ class Bucket:
         for name in optimizer_state:
             self.add_buffer(name)
         self._init_average_buffers(average)
-        self.steps = torch.zeros(len(params), dtype=torch.float32)
+        # Step counts live on the host, or on the device with capturable=True (a CUDA graph replays their increment).
+        self.steps = torch.zeros(len(params), dtype=torch.float32, device=self.device if capturable else "cpu")
         self._empty = [i for i, t in enumerate(local) if t.numel() == 0]
         for i, p in enumerate(params):
             state[p]["step"] = self.steps[i]
@@ -150,8 +151,10 @@ class Bucket:
         self._cache = None
         # The per-launch scalars (lr, step, averaging weights) the kernels read: on the CPU lr lives
         # here and step in ``steps``; on a GPU all of them travel in ``scalars``, made at the first step.
+        # With capturable=True lr (a number) is filled into ``lr_device`` and the rest never leaves the device.
         self.lr_cpu = torch.zeros(1, dtype=self.state_dtype) if self.device.type == "cpu" else None
         self.scalars = None
+        self.lr_device = torch.zeros(1, dtype=self.state_dtype, device=self.device) if capturable else None
 
     # --- what the kernels address ------------------------------------------------------------------
     def local_param(self, i: int) -> torch.Tensor:
@@ -289,7 +292,7 @@ class Bucket:
         if all(has_grad):
             self.steps.add_(1)
         else:
-            self.steps.add_(torch.tensor(has_grad, dtype=torch.float32))
+            self.steps.add_(torch.tensor(has_grad, dtype=torch.float32).to(self.steps.device))
             self.refresh_steps()
         self._cache = None
         if self._uniform_steps:

@@ -8,14 +8,25 @@ where they are (see :mod:`fastavg.buffers`); differences from ``torch.optim`` a 
 - state entries and averages are views of flat buffers, so ``torch.save`` of one of them alone writes
   its whole buffer (``.clone()`` it first); a whole state dict is saved at its true size;
 - ``flat_params=True`` moves the parameters (and gradients) into flat buffers (see the README).
+
+``capturable=True`` (Adam, AdamW; as torch's keyword) keeps everything a step reads on the parameters' device: the
+step counts (``state[p]["step"]`` are device tensors, as in torch), the averaging step, lr (a device tensor lr is read
+where it is; a number is filled into a device buffer) and the averaging weights, computed there from the averaging
+step by the averager's :meth:`~fastavg.averaging._Averager.device_weights`. A step then makes no host read of a device
+value, so ``opt.step()`` can be captured in a CUDA graph with the rest of a training step and replayed; under
+GradScaler a skipped step takes its counts back on the device. The averager must run one rule on every step
+(:meth:`~fastavg.averaging._Averager.capturable_plan`): EMA (an ``every=k`` EMA or SWA updates with weight 0 on the
+steps between), BELAY with ``start=0, every=1``, SWA, PowerEMA without snapshots.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 
 from . import _backends, _distributed
 from ._common import AdamArguments, AdamWArguments, AveragingOptimizer, SGDArguments
-from .averaging import RULE_NONE, AveragePlan, _Averager
+from .averaging import RULE_NONE, AveragePlan, _Averager, check_averager
 from .buffers import Bucket, _Launch
 from .reference import average_kwargs, average_state
 
@@ -28,6 +39,11 @@ class _FusedOptimizer(AveragingOptimizer):
         if not isinstance(flat_params, bool):
             raise TypeError(f"flat_params must be True or False, got {flat_params!r}")
         self._flat_params = flat_params
+        self._capturable = defaults.get("capturable", False)
+        if self._capturable and check_averager(average) is not None:
+            average.capturable_plan()
+        # capturable=True: the averaging step on each bucket device (float64), the truth that graph replays advance.
+        self._average_step_on: dict = {}
         self._buckets: list[list[Bucket]] = []
         super().__init__(params, defaults, average)
         # The averaging weights of the current step: float64 for float64 buckets, an fp32 copy for the others.
@@ -38,6 +54,11 @@ class _FusedOptimizer(AveragingOptimizer):
     def _init_group_state(self, group: dict) -> None:
         """Buckets per (device, dtype, sharded): DTensor parameters (FSDP2, tensor parallelism) get buckets of
         their own, over their local shards (see :mod:`fastavg._distributed`)."""
+        if group.get("capturable", False) != self._capturable:
+            raise ValueError(
+                f"param group capturable={group.get('capturable')!r} beside capturable={self._capturable!r}: fastavg "
+                "keeps one averaging step for the whole optimizer, so every group must agree; set it in the "
+                "constructor")
         by_key: dict = {}
         for p in group["params"]:
             _distributed.check_parameter(p, f"fastavg.{type(self).__name__}")
@@ -54,7 +75,7 @@ class _FusedOptimizer(AveragingOptimizer):
         buckets = []
         for key, params in by_key.items():
             buckets.append(Bucket(params, self._optimizer_state(group), self.average, self.state,
-                                  len(self.param_groups), backends[key], self._flat_params))
+                                  len(self.param_groups), backends[key], self._flat_params, self._capturable))
         self._buckets.append(buckets)
 
     @property
@@ -80,13 +101,9 @@ class _FusedOptimizer(AveragingOptimizer):
         """
         self._settle_amp_step()
         loss = self._begin_step(closure)
-        if self._on_gpu and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                "opt.step() cannot be captured in a CUDA graph: it copies lr, step and the averaging weights from "
-                "the host each step. Capture the ops (torch.ops.fastavg.adam_step_ etc.), which read them from "
-                "device tensors, or run the step outside the graph"
-            )
         buckets = self._all_buckets()
+        if self._on_gpu and torch.cuda.is_current_stream_capturing():
+            self._check_capture(buckets)
         holds = [bucket.current(_backends.addresses_match) for bucket in buckets]
         for bucket, cache_holds in zip(buckets, holds):
             if not cache_holds:
@@ -95,7 +112,9 @@ class _FusedOptimizer(AveragingOptimizer):
             for bucket in buckets:
                 bucket.seed_averages()
         plan = self._advance_average_step()
-        if plan.rule != RULE_NONE:
+        if self._capturable:
+            self._device_weights = self._advance_device_average_step(buckets) if plan.rule != RULE_NONE else {}
+        elif plan.rule != RULE_NONE:
             for k, weight in enumerate(plan.weights):
                 self._weights_float64[k] = weight
             self._weights_cpu.copy_(self._weights_float64)
@@ -120,6 +139,71 @@ class _FusedOptimizer(AveragingOptimizer):
         self._finish_average_step()
         return loss
 
+    def _plan_of(self, t: int):
+        return self.average.capturable_plan() if self._capturable else super()._plan_of(t)
+
+    def _check_capture(self, buckets) -> None:
+        """Raise, before anything changes, if this step cannot be captured in a CUDA graph."""
+        if not self._capturable:
+            raise RuntimeError(
+                "opt.step() cannot be captured in a CUDA graph with capturable=False: it copies lr, step and the "
+                "averaging weights from the host each step. Build the optimizer with capturable=True")
+        if self._average_step == 0 and self.average is not None:
+            raise RuntimeError(
+                "the first opt.step() seeds the averages from the parameters, which a graph would repeat on every "
+                "replay: run a few warm-up steps eagerly (on a side stream, as torch.cuda.graphs recipes do) "
+                "before capturing")
+        devices = {bucket.device for bucket in buckets}
+        for group in self.param_groups:
+            lr = group["lr"]
+            if not (isinstance(lr, torch.Tensor) and lr.device in devices):
+                warnings.warn(
+                    f"lr={lr!r} is captured as a constant: a CUDA graph replays the value it had at capture. Pass lr as "
+                    "a tensor on the parameters' device (lr=torch.tensor(0.001, device='cuda')) to change it between "
+                    "replays", stacklevel=3)
+        for bucket in buckets:
+            if bucket.backend.name == "reference":
+                raise RuntimeError(
+                    f"parameters of {bucket.dtype} run on the reference backend, which reads lr and the step on the "
+                    "host and cannot be captured: capture float32, bfloat16 or float16 parameters on the cuda or "
+                    "triton backend")
+            if not bucket._uniform_steps or len({p.grad is None for p in bucket.params}) > 1:
+                raise RuntimeError(
+                    f"param group {bucket.group_index}: some parameters have a gradient and others not, or their step "
+                    "counts differ; a captured step needs one launch per bucket: give every parameter a gradient "
+                    "(or none) in the captured step")
+
+    def _advance_device_average_step(self, buckets) -> dict:
+        """capturable=True: the averaging step advanced on each bucket device, and this step's averaging weights
+        computed there, by (device, dtype)."""
+        weights = {}
+        for device in dict.fromkeys(bucket.device for bucket in buckets):
+            counter = self._average_step_on.get(device)
+            if counter is None:  # from the host's count, one behind it now, at a step that runs eagerly
+                counter = self._average_step_on[device] = torch.full(
+                    (), float(self._average_step - 1), dtype=torch.float64, device=device)
+            counter.add_(1)
+            device_weights = self.average.device_weights(counter)
+            for dtype in {bucket.state_dtype for bucket in buckets if bucket.device == device}:
+                weights[(device, dtype)] = device_weights.to(dtype)
+        return weights
+
+    def _sync_host_average_step(self) -> None:
+        """capturable=True: graph replays advance (and GradScaler skips take back) only the device's count."""
+        if self._average_step_on:
+            self._average_step = int(next(iter(self._average_step_on.values())))
+
+    def _capturable_scalars(self, bucket: Bucket, lr, first: int):
+        """capturable=True: lr, step and weights already on the device, no host read (see the module docstring)."""
+        if isinstance(lr, torch.Tensor) and lr.device == bucket.device:
+            lr = lr.reshape(1).to(bucket.state_dtype)
+        else:
+            lr = bucket.lr_device.fill_(float(lr))
+        weights = self._device_weights.get((bucket.device, bucket.state_dtype))
+        if weights is None:  # no averaging this step: the kernels read no weight
+            weights = bucket.lr_device
+        return lr, bucket.steps[first:first + 1], weights
+
     def _scalars(self, bucket: Bucket, lr: float, first: int):
         """lr, step and averaging weights as tensors in the bucket's memory: fp32, or float64 (lr and weights) for
         float64 parameters, so that they reach the step unrounded as in torch.optim.
@@ -143,7 +227,10 @@ class _FusedOptimizer(AveragingOptimizer):
             return
         averages = average_state(plan, bucket.buffers)
         kwargs = average_kwargs(self.average)
-        lr, step, weights = self._scalars(bucket, float(group["lr"]) if has_grad else 0.0, launch.indices[0])
+        if self._capturable:
+            lr, step, weights = self._capturable_scalars(bucket, group["lr"], launch.indices[0])
+        else:
+            lr, step, weights = self._scalars(bucket, float(group["lr"]) if has_grad else 0.0, launch.indices[0])
         # The extension's eager path takes the parameters alone (it reads their gradients in C++); other
         # backends, staged and flat launches take this step's (params, grads) lists.
         eager = getattr(bucket.backend, "eager", None)
@@ -197,6 +284,9 @@ class _FusedOptimizer(AveragingOptimizer):
         at the next step, state_dict, load_state_dict, averaged_parameters or swap_average (waiting only for this
         step's kernels). Returns whether the step is known to be skipped now."""
         found_inf = amp.found_inf
+        if self._capturable:
+            self._undo_step_on_device(amp)
+            return False
         if found_inf.device.type != "cuda":
             skipped = float(found_inf.reshape(-1)[0]) != 0.0
             if skipped:
@@ -223,6 +313,18 @@ class _FusedOptimizer(AveragingOptimizer):
         if float(host) != 0.0:
             self._undo_step(stepped)
 
+    def _undo_step_on_device(self, amp: "_AmpStep") -> None:
+        """capturable=True: the step's counts less found_inf (1 if the step was skipped), on the device."""
+        for bucket, indices in amp.stepped:
+            found_inf = amp.on(bucket.device)[1]
+            if len(indices) == len(bucket.params):
+                bucket.steps.sub_(found_inf)
+            else:
+                index = torch.tensor(indices, dtype=torch.long).to(bucket.device)
+                bucket.steps.index_add_(0, index, -found_inf.expand(len(indices)))
+        for device, counter in self._average_step_on.items():
+            counter.sub_(amp.on(device)[1].reshape(()))
+
     def _undo_step(self, stepped) -> None:
         """The step's counts back where they were: the stepped parameters' steps and the averaging step."""
         for bucket, indices in stepped:
@@ -230,26 +332,38 @@ class _FusedOptimizer(AveragingOptimizer):
             bucket.refresh_steps()
         self._average_step -= 1
 
-    def state_dict(self):
+    def _settle_counts(self) -> None:
+        """The host's counts brought up to date: a pending GradScaler skip, the device's averaging step."""
         self._settle_amp_step()
+        self._sync_host_average_step()
+
+    def state_dict(self):
+        self._settle_counts()
         return super().state_dict()
 
     def load_state_dict(self, state_dict) -> None:
-        self._settle_amp_step()
+        self._settle_counts()
         return super().load_state_dict(state_dict)
 
     def averaged_parameters(self, index: int = 0) -> list[torch.Tensor]:
-        self._settle_amp_step()
+        self._settle_counts()
         return super().averaged_parameters(index)
 
     def swap_average(self, *args, **kwargs):
-        self._settle_amp_step()
+        self._settle_counts()
         return super().swap_average(*args, **kwargs)
+
+    def switch_to_average(self, index: int = 0) -> None:
+        self._settle_counts()
+        return super().switch_to_average(index)
 
     def _after_load(self) -> None:
         for bucket in self._all_buckets():
             bucket.refresh_steps()
             bucket._cache = None
+        # Filled, not replaced: a captured graph keeps reading these tensors.
+        for counter in self._average_step_on.values():
+            counter.fill_(float(self._average_step))
 
 
 class _AmpStep:

@@ -175,7 +175,8 @@ def average_kwargs(average) -> dict:
 
 
 class _ReferenceOptimizer(AveragingOptimizer):
-    """``flat_params`` is accepted for the same signature as the fused optimizers and changes nothing here."""
+    """``flat_params`` and ``capturable`` are accepted for the same signatures as the fused optimizers and change
+    nothing here: the reference keeps its counts on the host."""
 
     def __init__(self, params, defaults, average, backend, flat_params):
         if backend not in (None, "auto", "reference"):
