@@ -46,19 +46,25 @@ def rows(param: torch.Tensor, grad: torch.Tensor | None, offset: int) -> list[tu
     return result
 
 
-# Host copies of the tables built while a CUDA graph was captured: every replay copies the table from there
-# again, so they are pinned and live as long as the process (a few bytes per parameter, once per capture).
+# The pinned host tables that captured CUDA graphs copy from: each replay copies its table from there again, so
+# they live as long as the process (a few bytes per parameter, once per capture).
 _CAPTURED_TABLE_SOURCES: list[torch.Tensor] = []
 
 
 def table(row_list: list[tuple[int, int, int, int]], device: torch.device) -> torch.Tensor:
     """The ``(n, 4)`` int64 table of ``row_list`` in ``device``'s memory."""
     host = torch.tensor(row_list, dtype=torch.int64).reshape(-1, len(COLUMNS))
-    if device.type == "cpu":
-        return host
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        host = host.pin_memory()
-        _CAPTURED_TABLE_SOURCES.append(host)
+    return host if device.type == "cpu" else host.to(device, non_blocking=True)
+
+
+def captured_table(row_list: list[tuple[int, int, int, int]], pinned: torch.Tensor,
+                   device: torch.device) -> torch.Tensor:
+    """:func:`table` while a CUDA graph is captured, through ``pinned``, pinned host memory of at least as many rows,
+    allocated before the capture: a graph can copy only from pinned memory, and pinning memory during a capture is
+    not allowed. ``pinned`` is kept for the graph's replays and must not be used again."""
+    host = pinned[:len(row_list)]
+    host.copy_(torch.tensor(row_list, dtype=torch.int64).reshape(-1, len(COLUMNS)))
+    _CAPTURED_TABLE_SOURCES.append(pinned)
     return host.to(device, non_blocking=True)
 
 

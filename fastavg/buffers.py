@@ -155,6 +155,23 @@ class Bucket:
         self.lr_cpu = torch.zeros(1, dtype=self.state_dtype) if self.device.type == "cpu" else None
         self.scalars = None
         self.lr_device = torch.zeros(1, dtype=self.state_dtype, device=self.device) if capturable else None
+        # capturable on a GPU: pinned memory for a segment table built during a CUDA graph capture (new gradients
+        # after zero_grad(set_to_none=True)); made by prepare_capture() at the eager steps before it.
+        self._capture_rows = max(sum(len(_segments.rows(t, None, 0)) for t in local),
+                                 -(-self.numel // _segments.ROW_NUMEL)) if capturable else 0
+        self._capture_table = None
+
+    def prepare_capture(self) -> None:
+        """capturable=True on a GPU: pinned memory for the segment table of a step captured later."""
+        if self._capture_table is None and self.device.type == "cuda":
+            self._capture_table = torch.empty((self._capture_rows, len(_segments.COLUMNS)), dtype=torch.int64,
+                                              pin_memory=True)
+
+    def _table(self, rows) -> torch.Tensor:
+        if self._capture_table is not None and torch.cuda.is_current_stream_capturing():
+            pinned, self._capture_table = self._capture_table, None
+            return _segments.captured_table(rows, pinned, self.device)
+        return _segments.table(rows, self.device)
 
     # --- what the kernels address ------------------------------------------------------------------
     def local_param(self, i: int) -> torch.Tensor:
@@ -344,7 +361,7 @@ class Bucket:
             members.setdefault(group, []).append(i)
         if self.flat_params and list(members) == [0] and all(
                 p.grad.data_ptr() == address for p, address in zip(self.params, self._flat_grad_addresses)):
-            table = _segments.table(_segments.rows(self.data, self.grad, 0), self.device)
+            table = self._table(_segments.rows(self.data, self.grad, 0))
             return [(True, _Launch(list(range(len(self.params))), self.params, True, table, {}, {},
                                    flat=(self.data, self.grad)))]
         return [(group is not None, self._launch_for(indices, group is not None))
@@ -368,7 +385,7 @@ class Bucket:
                                                                device=g.device)
             rows += _segments.rows(p, g, self.offsets[i])
         grads = (lambda: [self.local_grad(i) for i in indices]) if self.sharded else None
-        return _Launch(indices, [self.local_param(i) for i in indices], with_grads, _segments.table(rows, self.device),
+        return _Launch(indices, [self.local_param(i) for i in indices], with_grads, self._table(rows),
                        param_staging, grad_staging, grads=grads, direct=not self.sharded)
 
     def refresh_steps(self) -> None:

@@ -104,6 +104,9 @@ class _FusedOptimizer(AveragingOptimizer):
         buckets = self._all_buckets()
         if self._on_gpu and torch.cuda.is_current_stream_capturing():
             self._check_capture(buckets)
+        elif self._capturable:
+            for bucket in buckets:
+                bucket.prepare_capture()
         holds = [bucket.current(_backends.addresses_match) for bucket in buckets]
         for bucket, cache_holds in zip(buckets, holds):
             if not cache_holds:
@@ -148,11 +151,11 @@ class _FusedOptimizer(AveragingOptimizer):
             raise RuntimeError(
                 "opt.step() cannot be captured in a CUDA graph with capturable=False: it copies lr, step and the "
                 "averaging weights from the host each step. Build the optimizer with capturable=True")
-        if self._average_step == 0 and self.average is not None:
+        if self._average_step == 0:
             raise RuntimeError(
-                "the first opt.step() seeds the averages from the parameters, which a graph would repeat on every "
-                "replay: run a few warm-up steps eagerly (on a side stream, as torch.cuda.graphs recipes do) "
-                "before capturing")
+                "the first opt.step() cannot be captured: it prepares the launches (and seeds the averages from the "
+                "parameters, which a graph would repeat on every replay); run a few warm-up steps eagerly (on a side "
+                "stream, as torch.cuda.graphs recipes do) before capturing")
         devices = {bucket.device for bucket in buckets}
         for group in self.param_groups:
             lr = group["lr"]

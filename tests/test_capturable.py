@@ -16,7 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastavg
-from fastavg import _backends
+from fastavg import _backends, _segments
 
 from helpers import tolerance
 
@@ -209,13 +209,70 @@ def test_sgd_has_no_capturable_keyword():
         fastavg.SGD(_model().parameters(), capturable=True)
 
 
+@pytest.fixture
+def pretend_capturing(monkeypatch):
+    """The CPU steps as if inside a CUDA graph capture: the refusals below are the GPU's, before anything changes."""
+    monkeypatch.setattr(fastavg.optim._FusedOptimizer, "_on_gpu", property(lambda self: True))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+
+
+def _refused(opt, model, match):
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=match):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_capture_refusals(backend, pretend_capturing):
+    model = _model()
+    _grads(model, 0)
+    _refused(fastavg.AdamW(model.parameters(), average=fastavg.EMA(0.9), backend=backend),
+             model, "cannot be captured in a CUDA graph with capturable=False")
+    _refused(fastavg.AdamW(model.parameters(), backend=backend, capturable=True), model, "warm-up steps eagerly")
+    opt = fastavg.AdamW(model.parameters(), backend=backend, capturable=True, lr=torch.tensor(0.01))
+    with pytest.MonkeyPatch.context() as eager:
+        eager.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+        opt.step()
+    model[0].bias.grad = None
+    _refused(opt, model, "some parameters have a gradient and others not")
+    _grads(model, 1)
+    opt.step()  # with every gradient there the step goes ahead (on the CPU)
+    assert opt.state_dict()["fastavg"]["step"] == 2
+    number_lr = fastavg.AdamW(model.parameters(), backend=backend, capturable=True, lr=0.01)
+    with pytest.MonkeyPatch.context() as eager:
+        eager.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+        number_lr.step()
+    with pytest.warns(UserWarning, match="captured as a constant"):
+        number_lr.step()
+
+
+def test_reference_backend_capture_refused(pretend_capturing):
+    model = _model(torch.float64)
+    _grads(model, 0)
+    opt = fastavg.AdamW(model.parameters(), capturable=True, lr=torch.tensor(0.01, dtype=torch.float64))
+    with pytest.MonkeyPatch.context() as eager:
+        eager.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+        opt.step()
+    _refused(opt, model, "reference backend")
+
+
+def test_captured_table_is_the_table():
+    rows = _segments.rows(torch.randn(3 * _segments.ROW_NUMEL + 5), None, 7)
+    pinned = torch.empty((len(rows) + 2, len(_segments.COLUMNS)), dtype=torch.int64)
+    table = _segments.captured_table(rows, pinned, torch.device("cpu"))
+    assert torch.equal(table, _segments.table(rows, torch.device("cpu")))
+    assert any(kept is pinned for kept in _segments._CAPTURED_TABLE_SOURCES), "kept for the graph's replays"
+
+
 # --- CUDA graphs (GPU only) ----------------------------------------------------------------------------------------
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
 
-def _cuda_run(averager, capture, steps=8, warmup=3):
+def _cuda_run(averager, capture, steps=8, warmup=3, new_grads=False):
     """``steps`` training steps with lr 0.01·0.8^step written into a device lr tensor; with ``capture`` the steps
-    after ``warmup`` replay one captured graph of forward, backward and opt.step()."""
+    after ``warmup`` replay one captured graph of forward, backward and opt.step(). ``new_grads``: the gradients are
+    set to None before the capture (torch's whole-network recipe), so the captured backward makes new ones."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 8)).cuda()
     lr = torch.tensor(0.01, device="cuda")
@@ -239,6 +296,8 @@ def _cuda_run(averager, capture, steps=8, warmup=3):
     torch.cuda.current_stream().wait_stream(side)
     graph = None
     if capture:
+        if new_grads:
+            opt.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             train_step()
@@ -251,9 +310,10 @@ def _cuda_run(averager, capture, steps=8, warmup=3):
 
 
 @cuda
+@pytest.mark.parametrize("new_grads", [False, True], ids=["same-grads", "grads-made-in-capture"])
 @pytest.mark.parametrize("averager", ["none", "ema", "ema2-every3-power", "belay", "swa-every2", "power-ema"])
-def test_cuda_graph_replays_the_step(averager):
-    captured, opt_captured = _cuda_run(AVERAGERS[averager](), capture=True)
+def test_cuda_graph_replays_the_step(averager, new_grads):
+    captured, opt_captured = _cuda_run(AVERAGERS[averager](), capture=True, new_grads=new_grads)
     eager, opt_eager = _cuda_run(AVERAGERS[averager](), capture=False)
     _assert_same(captured, eager, opt_captured, opt_eager, torch.float32, exact=True)
     assert opt_captured.state_dict()["fastavg"]["step"] == 8
