@@ -116,7 +116,7 @@ class _FusedOptimizer(AveragingOptimizer):
                 bucket.seed_averages()
         plan = self._advance_average_step()
         if self._capturable:
-            self._device_weights = self._advance_device_average_step(buckets) if plan.rule != RULE_NONE else {}
+            self._device_weights = self._advance_device_average_step(buckets, plan.rule != RULE_NONE)
         elif plan.rule != RULE_NONE:
             for k, weight in enumerate(plan.weights):
                 self._weights_float64[k] = weight
@@ -176,9 +176,10 @@ class _FusedOptimizer(AveragingOptimizer):
                     "counts differ; a captured step needs one launch per bucket: give every parameter a gradient "
                     "(or none) in the captured step")
 
-    def _advance_device_average_step(self, buckets) -> dict:
-        """capturable=True: the averaging step advanced on each bucket device, and this step's averaging weights
-        computed there, by (device, dtype)."""
+    def _advance_device_average_step(self, buckets, averaging: bool) -> dict:
+        """capturable=True: the averaging step advanced on each bucket device (kept without an averager too: it is
+        the state dict's step after graph replays), and this step's averaging weights computed there, by (device,
+        dtype)."""
         weights = {}
         for device in dict.fromkeys(bucket.device for bucket in buckets):
             counter = self._average_step_on.get(device)
@@ -186,6 +187,8 @@ class _FusedOptimizer(AveragingOptimizer):
                 counter = self._average_step_on[device] = torch.full(
                     (), float(self._average_step - 1), dtype=torch.float64, device=device)
             counter.add_(1)
+            if not averaging:
+                continue
             device_weights = self.average.device_weights(counter)
             for dtype in {bucket.state_dtype for bucket in buckets if bucket.device == device}:
                 weights[(device, dtype)] = device_weights.to(dtype)
