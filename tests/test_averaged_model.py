@@ -393,31 +393,43 @@ def test_bad_arguments_raise_before_anything_changes():
         ours.attach("adam")
 
 
-def test_dtensor_parameters_are_refused():
-    script = """
-import os, torch, torch.distributed as dist
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
-dist.init_process_group("gloo", rank=0, world_size=1)
-from torch.distributed.fsdp import fully_shard
-import fastavg
-model = torch.nn.Linear(4, 2)
-fully_shard(model)
-try:
-    fastavg.AveragedModel(model)
-except NotImplementedError as error:
-    print(error)
-dist.destroy_process_group()
-"""
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PORT": str(port)})
-    assert "DTensor parameters" in out.stdout and "fully_shard" in out.stdout, out.stderr
+@pytest.mark.parametrize("use_buffers", [False, True])
+def test_swap_average_puts_the_average_into_the_model_and_restores_it(use_buffers):
+    model = _model()
+    ema = fastavg.AveragedModel(model, use_buffers=use_buffers, average=fastavg.EMA((0.9, 0.5)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ema.attach(opt)
+    for step in range(4):
+        _train_step(model, opt, step)
+    raw = {name: t.clone() for name, t in model.state_dict().items()}
+    x = torch.randn(5, 6)
+    ema.eval(), model.eval()
+    with ema.swap_average(index=1) as swapped:
+        assert swapped is model
+        for p, average in zip(model.parameters(), ema.averaged_parameters(1)):
+            assert torch.equal(p, average)
+        with torch.no_grad():
+            model[1].running_mean.add_(1.0)  # what update_bn inside the block does: undone on exit
+    with ema.swap_average(model), torch.no_grad():
+        assert torch.equal(model(x), ema(x))  # average 0 in the model, as in .module
+        with pytest.raises(RuntimeError, match="swap_average"):
+            ema.update_parameters(model)
+        with pytest.raises(RuntimeError, match="swap_average"), ema.swap_average():
+            pass
+    with pytest.raises(ZeroDivisionError), ema.swap_average():
+        raise ZeroDivisionError
+    for name, t in model.state_dict().items():
+        assert torch.equal(t, raw[name]), name
+    with pytest.raises(TypeError, match="index="), ema.swap_average(1):
+        pass
+    with pytest.raises(IndexError, match="index"), ema.swap_average(index=2):
+        pass
+    with pytest.raises(ValueError, match="swap_average"), ema.swap_average(_model(torch.float64)):
+        pass
+    with pytest.warns(UserWarning, match="unfused"):
+        unfused = fastavg.AveragedModel(model, avg_fn=lambda average, p, n: average)
+    with pytest.raises(RuntimeError, match=r"\.module"), unfused.swap_average():
+        pass
 
 
 # --- the README's recipes with Lightning and the HF Trainer ----------------------------------------------

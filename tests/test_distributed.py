@@ -16,6 +16,7 @@ import traceback
 
 import pytest
 import torch
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 import fastavg
 
@@ -26,7 +27,7 @@ if not dist.is_available() or not dist.is_gloo_available():
 WORLD = 2
 STEPS = 4
 FP32_TOLERANCE = 1e-5
-DEADLINE_S = 300  # the whole group; it takes about 25 s on 2 cores
+DEADLINE_S = 300  # the whole group; it takes about 30 s on 2 cores
 
 
 # --- the model, the data, one process ------------------------------------------------------------------
@@ -492,6 +493,174 @@ def case_tensor_parallel_placements(rank, tmp):
                                                                      ref_opt.averaged_parameters())}
 
 
+# --- fastavg.AveragedModel on sharded models: oracles are the same model in one process, averaged by fastavg and,
+# where it has the averager, by torch's AveragedModel; the model is trained by torch.optim.AdamW ----------------------
+AVERAGED_MODEL_AVERAGERS = {
+    "swa": {},
+    "torch_ema": {"multi_avg_fn": get_ema_multi_avg_fn(0.9)},
+    "ema_decays": {"average": fastavg.EMA((0.9, 0.99))},
+    "belay": {"average": fastavg.BELAY(0.9, reaction=0.5, inertia=0.5)},
+    "sema": {"average": fastavg.SEMA(0.5, switch_every=2)},
+}
+
+
+def _torch_adamw(params):
+    return torch.optim.AdamW(params, lr=0.05, weight_decay=0.1)
+
+
+def _averaged_training(model, kwargs, rank=None, steps=STEPS):
+    """``model`` trained by torch.optim.AdamW with an attached fastavg.AveragedModel; returns (opt, ema)."""
+    opt = _torch_adamw(model.parameters())
+    ema = fastavg.AveragedModel(model, **kwargs)
+    ema.attach(opt)
+    _train(model, opt, steps, rank)
+    return opt, ema
+
+
+def _all_averages(ema) -> list[torch.Tensor]:
+    return [a for k in range(ema.average.num_outputs) for a in ema.averaged_parameters(k)]
+
+
+def case_averaged_model(rank, tmp):
+    """Shard-local averages under FSDP2 (per layer and root), HSDP and tensor parallelism, against one process."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    record = {}
+    hsdp_mesh = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("replicate", "shard"))
+    runs = [(name, kwargs, None) for name, kwargs in AVERAGED_MODEL_AVERAGERS.items()]
+    runs.append(("hsdp", AVERAGED_MODEL_AVERAGERS["ema_decays"], hsdp_mesh))
+    for name, kwargs, mesh in runs:
+        model = _fsdp2(_model(), mesh=mesh)
+        _, ema = _averaged_training(model, kwargs, rank)
+        one = _model()
+        one_opt = _torch_adamw(one.parameters())
+        one_ema = fastavg.AveragedModel(one, **kwargs)
+        one_ema.attach(one_opt)
+        theirs = None
+        if "average" not in kwargs:
+            theirs = torch.optim.swa_utils.AveragedModel(one, **kwargs)
+            one_opt.register_step_post_hook(lambda *args, theirs=theirs, one=one: theirs.update_parameters(one))
+        _train(one, one_opt, STEPS)
+        averages = ema.averaged_parameters()
+        record[name] = {
+            "averages": _max_diff(_all_averages(ema), _all_averages(one_ema)),
+            "params": _max_diff(model.parameters(), one.parameters()),
+            "torch": None if theirs is None else _max_diff(averages, theirs.module.parameters()),
+            "dtensor_averages": all(isinstance(a, DTensor) and a.placements == p.placements
+                                    and a.device_mesh == p.device_mesh for a, p in zip(averages, model.parameters())),
+            "n_averaged": int(ema.n_averaged),
+        }
+    # Tensor parallelism: parameters sharded on dim 1 and replicated, moved by the same steps as in one process.
+    mesh = init_device_mesh("cpu", (WORLD,))
+    g = torch.Generator().manual_seed(1)
+    full = [torch.randn(3, 8, generator=g), torch.randn(5, generator=g)]
+    placements = [(Shard(1),), (Replicate(),)]
+    sharded, one = torch.nn.Module(), torch.nn.Module()
+    for k, (t, pl) in enumerate(zip(full, placements)):
+        sharded.register_parameter(f"p{k}", torch.nn.Parameter(distribute_tensor(t, mesh, pl)))
+        one.register_parameter(f"p{k}", torch.nn.Parameter(t.clone()))
+    ema, one_ema = (fastavg.AveragedModel(m, average=fastavg.EMA((0.9, 0.99))) for m in (sharded, one))
+    for step in range(STEPS):
+        g = torch.Generator().manual_seed(200 + step)
+        with torch.no_grad():
+            for p, q, pl in zip(sharded.parameters(), one.parameters(), placements):
+                delta = torch.randn(q.shape, generator=g)
+                p.add_(distribute_tensor(delta, mesh, pl))
+                q.add_(delta)
+        ema.update_parameters(sharded)
+        one_ema.update_parameters(one)
+    record["tensor_parallel"] = {
+        "averages": _max_diff(_all_averages(ema), _all_averages(one_ema)),
+        "placements": [tuple(a.placements) == pl for a, pl in zip(ema.averaged_parameters(), placements)]}
+    return record
+
+
+def case_averaged_model_evaluation(rank, tmp):
+    """swap_average and ema(...) on a model whose forward leaves unsharded parameters (reshard_after_forward=False),
+    the full averages gathered on rank 0 inside the swap, and training on after the swap."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    kwargs = AVERAGED_MODEL_AVERAGERS["torch_ema"]
+    model = _fsdp2(_model(), reshard_after_forward=False)
+    opt, ema = _averaged_training(model, kwargs, rank)
+    one = _model()
+    one_opt, one_ema = _averaged_training(one, kwargs)
+    x = _batch(99)[0]
+    with torch.no_grad():
+        expected = _half(one_ema.module(x), rank)
+        model(_half(x, rank))  # leaves every FSDP module unsharded, holding the raw weights
+    with ema.swap_average(model), torch.no_grad():
+        swapped = model(_half(x, rank))
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    record = {"swap_output": float((swapped - expected).abs().max())}
+    if rank == 0:
+        record["gathered"] = max(float((full[k] - v).abs().max()) for k, v in one_ema.module.state_dict().items())
+        record["gathered_on_cpu"] = all(t.device.type == "cpu" and not hasattr(t, "placements") for t in full.values())
+    modes = []
+    hook = model.first.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    ema.eval()
+    with torch.no_grad():
+        record["forward_output"] = float((ema(_half(x, rank)) - expected).abs().max())
+    hook.remove()
+    record["forward_modes"] = (modes, model.training)
+    _train(model, opt, 2, rank, start=STEPS)
+    _train(one, one_opt, 2, start=STEPS)
+    record["after_swap_params"] = _max_diff(model.parameters(), one.parameters())
+    record["after_swap_averages"] = _max_diff(ema.averaged_parameters(), one_ema.averaged_parameters())
+    try:
+        record["module"] = type(ema.module).__name__
+    except AttributeError as error:
+        record["module"] = str(error)
+    return record
+
+
+def case_averaged_model_dcp(rank, tmp):
+    """ema.state_dict() through dcp.save and dcp.load into a fresh AveragedModel (with the model and torch.optim.AdamW):
+    two more updates equal four in a row, bit for bit."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+    from torch.distributed.tensor import DTensor
+
+    def state(model, opt, ema):
+        return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt),
+                "ema": ema.state_dict()}
+
+    record = {}
+    for name, average in (("ema_decays", fastavg.EMA((0.9, 0.99))), ("lawa", fastavg.LAWA(k=2, every=1))):
+        straight = _fsdp2(_model())
+        _, straight_ema = _averaged_training(straight, {"average": average}, rank)
+        path = os.path.join(tmp, f"averaged_model_{name}")
+        saved = _fsdp2(_model())
+        saved_opt, saved_ema = _averaged_training(saved, {"average": average}, rank, steps=2)
+        dcp.save(state(saved, saved_opt, saved_ema), checkpoint_id=path)
+        resumed = _fsdp2(_model())
+        resumed_opt = _torch_adamw(resumed.parameters())
+        resumed_ema = fastavg.AveragedModel(resumed, average=average)
+        resumed_ema.attach(resumed_opt)
+        loaded = state(resumed, resumed_opt, resumed_ema)
+        dcp.load(loaded, checkpoint_id=path)
+        set_model_state_dict(resumed, loaded["model"])
+        set_optimizer_state_dict(resumed, resumed_opt, loaded["optim"])
+        resumed_ema.load_state_dict(loaded["ema"])
+        _train(resumed, resumed_opt, 2, rank, start=2)
+        averages = loaded["ema"]["fastavg_state"]["averages"]
+        record[name] = {
+            "params": _max_diff(resumed.parameters(), straight.parameters()),
+            "averages": _max_diff(resumed_ema.averaged_parameters(), straight_ema.averaged_parameters()),
+            "state": _max_diff(*zip(*[(entry[k], straight_ema.state_dict()["fastavg_state"]["averages"][n][k])
+                                      for n, entry in averages.items() for k in entry])),
+            "n_averaged": int(resumed_ema.n_averaged),
+            "dtensor_state": all(isinstance(v, DTensor) for entry in averages.values() for v in entry.values()),
+        }
+    return record
+
+
 def case_refusals(rank, tmp):
     """Parameters fastavg cannot step in place are refused at construction, naming the wrapper."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -520,11 +689,37 @@ def case_refusals(rank, tmp):
         record["power_ema_snapshots"] = None
     except NotImplementedError as error:
         record["power_ema_snapshots"] = str(error)
+    averaged_model_arguments = {
+        "use_buffers": {"use_buffers": True},
+        "device": {"device": "meta"},
+        "avg_fn": {"avg_fn": lambda average, p, n: average},
+        "power_ema_snapshots": {"average": fastavg.PowerEMA(snapshot_every=1, snapshot_dir=tmp)},
+    }
+    for name, kwargs in averaged_model_arguments.items():
+        try:
+            fastavg.AveragedModel(_fsdp2(_model()), **kwargs)
+            record[f"averaged_model/{name}"] = None
+        except NotImplementedError as error:
+            record[f"averaged_model/{name}"] = str(error)
     try:
-        fastavg.AveragedModel(_fsdp2(_model()), average=fastavg.EMA(0.9))
-        record["averaged_model"] = None
+        fastavg.AveragedModel(torch.nn.ParameterList([fsdp1]))
+        record["averaged_model/fsdp1"] = None
     except NotImplementedError as error:
-        record["averaged_model"] = str(error)
+        record["averaged_model/fsdp1"] = str(error)
+    # A model sharded otherwise (here: not at all) is refused at the update, before the average moves.
+    ema = fastavg.AveragedModel(_fsdp2(_model()), average=fastavg.EMA(0.9))
+    before = [_full(a).clone() for a in ema.averaged_parameters()]
+    try:
+        ema.update_parameters(_model())
+        record["averaged_model/unsharded_update"] = None
+    except ValueError as error:
+        record["averaged_model/unsharded_update"] = str(error)
+    try:
+        ema.load_state_dict({"n_averaged": torch.tensor(3)})
+        record["averaged_model/plain_load"] = None
+    except ValueError as error:
+        record["averaged_model/plain_load"] = str(error)
+    record["averaged_model/unchanged"] = (int(ema.n_averaged), _max_diff(ema.averaged_parameters(), before))
     # A gradient sharded unlike its parameter holds other elements on this rank: refused at the step.
     sharded = torch.nn.Parameter(distribute_tensor(torch.ones(4, 2), mesh, (Shard(0),)))
     opt = fastavg.AdamW([sharded])
@@ -538,7 +733,8 @@ def case_refusals(rank, tmp):
 
 
 CASES = [case_fsdp2, case_fsdp2_against_torch, case_fsdp2_evaluation, case_dcp, case_zero, case_ddp,
-         case_tensor_parallel_placements, case_refusals]
+         case_tensor_parallel_placements, case_averaged_model, case_averaged_model_evaluation, case_averaged_model_dcp,
+         case_refusals]
 
 
 def _worker(rank, port, tmp):
@@ -670,13 +866,52 @@ def test_tensor_parallel_placements_step_their_local_parts(records):
     assert record["params"] <= FP32_TOLERANCE and record["averages"] <= FP32_TOLERANCE, record
 
 
+@pytest.mark.parametrize("name", [*AVERAGED_MODEL_AVERAGERS, "hsdp"])
+def test_averaged_model_averages_shards_like_one_process(records, name):
+    record = _case(records, "case_averaged_model")[name]
+    assert record["averages"] <= FP32_TOLERANCE and record["params"] <= FP32_TOLERANCE, record
+    assert record["torch"] is None or record["torch"] <= FP32_TOLERANCE, record
+    assert record["dtensor_averages"] and record["n_averaged"] == STEPS, record
+
+
+def test_averaged_model_tensor_parallel(records):
+    record = _case(records, "case_averaged_model")["tensor_parallel"]
+    assert record["averages"] <= FP32_TOLERANCE and record["placements"] == [True, True], record
+
+
+def test_averaged_model_swap_average_forward_and_gather(records):
+    record = _case(records, "case_averaged_model_evaluation")
+    assert record["swap_output"] <= FP32_TOLERANCE and record["forward_output"] <= FP32_TOLERANCE, record
+    assert record["forward_modes"] == ([False], True), record  # ema.eval() applies inside ema(...) only
+    assert record["gathered"] <= FP32_TOLERANCE and record["gathered_on_cpu"], record
+    assert record["after_swap_params"] <= FP32_TOLERANCE and record["after_swap_averages"] <= FP32_TOLERANCE, record
+    assert "swap_average" in record["module"] and "deep-copied" in record["module"], record
+
+
+@pytest.mark.parametrize("average", ["ema_decays", "lawa"])
+def test_averaged_model_dcp_resumes_bit_exactly(records, average):
+    record = _case(records, "case_averaged_model_dcp")[average]
+    assert record["params"] == 0.0 and record["averages"] == 0.0 and record["state"] == 0.0, record
+    assert record["n_averaged"] == STEPS and record["dtensor_state"], record
+
+
 @pytest.mark.parametrize("name, words", [("partial", ["Partial", "tensor parallelism"]),
                                          ("fsdp1", ["FSDP1", "fully_shard"]),
                                          ("deepspeed", ["DeepSpeed"]),
                                          ("flat_params", ["flat_params", "fully_shard"]),
-                                         ("averaged_model", ["AveragedModel", "deep", "swap_average"]),
+                                         ("averaged_model/use_buffers", ["use_buffers=False", "update_bn"]),
+                                         ("averaged_model/device", ["device=", "drop"]),
+                                         ("averaged_model/avg_fn", ["avg_fn", "average=fastavg.EMA"]),
+                                         ("averaged_model/power_ema_snapshots", ["snapshot_every"]),
+                                         ("averaged_model/fsdp1", ["FSDP1", "fully_shard"]),
+                                         ("averaged_model/unsharded_update", ["update_parameters", "DTensor"]),
+                                         ("averaged_model/plain_load", ["fastavg_state", "dcp.load"]),
                                          ("power_ema_snapshots", ["snapshot_every", "shards"]),
                                          ("gradient_placements", ["Replicate", "Shard(dim=0)"])])
 def test_unsupported_wrappers_are_refused_at_construction(records, name, words):
     message = _case(records, "case_refusals")[name]
     assert message is not None and all(word in message for word in words), message
+
+
+def test_averaged_model_refusal_changes_nothing(records):
+    assert _case(records, "case_refusals")["averaged_model/unchanged"] == (0, 0.0)
