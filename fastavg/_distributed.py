@@ -49,7 +49,7 @@ def check_parameter(p: torch.Tensor, what: str) -> None:
                   "Replicate placements before building the optimizer")
     else:
         return
-    raise NotImplementedError(f"{what} cannot optimize {wrapper}: {reason}")
+    raise NotImplementedError(f"{what} cannot step or average {wrapper}: {reason}")
 
 
 def check_averager_on_shards(average, what: str) -> None:
@@ -60,7 +60,8 @@ def check_averager_on_shards(average, what: str) -> None:
             f"{what} with PowerEMA(snapshot_every={average.snapshot_every}) cannot write post-hoc snapshots of DTensor "
             "parameters (FSDP2's fully_shard, tensor parallelism): each rank holds only its shards. Drop "
             "snapshot_every (the PowerEMA averages themselves work on the shards; gather them inside "
-            "`with opt.swap_average(k):` with get_model_state_dict(..., full_state_dict=True))")
+            "`with opt.swap_average(k):` (an AveragedModel: `with ema.swap_average(model, index=k):`) with "
+            "get_model_state_dict(..., full_state_dict=True))")
 
 
 def local(t: torch.Tensor | None) -> torch.Tensor | None:
