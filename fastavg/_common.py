@@ -175,6 +175,20 @@ class AveragingOptimizer(torch.optim.Optimizer):
         self._average_step = 0
         super().__init__(params, defaults)
 
+    # torch.optim.Optimizer pickles only defaults, state and param_groups; fastavg's optimizers also need their
+    # averager, counts and buffers. torch's __setstate__ makes the hooks anew, as for its own optimizers; "step" is
+    # an lr scheduler's wrapper of the bound method, which it puts on the instance.
+    _NOT_PICKLED = ("step", "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
+                    "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
+                    "_optimizer_load_state_dict_post_hooks")
+
+    def __getstate__(self) -> dict:
+        return {name: value for name, value in self.__dict__.items() if name not in self._NOT_PICKLED}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.state = self.__dict__["state"]  # a _State again, with its averaging flag
+
     @property
     def state(self) -> _State:
         return self.__dict__["state"]
@@ -223,9 +237,31 @@ class AveragingOptimizer(torch.optim.Optimizer):
         group["params"] = params
         self._init_group_state(group)
         self.param_groups.append(group)
+        if self._average_step > 0:
+            self._seed_averages(params)
 
     def _init_group_state(self, group: dict) -> None:
         raise NotImplementedError
+
+    @torch.no_grad()
+    def _seed_averages(self, params) -> None:
+        """The averages of parameters that join after the first step (a param group added later, or parameters a
+        loaded state dict has no averages for) start from θ as it is now, as if θ had been there all along: every
+        average (BEMA's θ₀ and θ_u too) is θ, BELAY's velocity 0, LAWA's snapshots so far are θ."""
+        average = self.average
+        if average is None:
+            return
+        for p in params:
+            state, theta = self.state[p], p.detach()
+            for k in range(average.num_averages):
+                state[f"average_{k}"].copy_(theta)
+            if "average_velocity" in state:
+                state["average_velocity"].zero_()
+            if isinstance(average, LAWA):
+                count = min(average.snapshot_count(self._average_step), average.k)
+                state["lawa_ring"].zero_()
+                state["lawa_ring"][:count].copy_(theta.expand_as(state["lawa_ring"][:count]))
+                state["lawa_sum"].copy_(theta.to(state["lawa_sum"].dtype) * count)
 
     def _check_all_groups(self) -> None:
         for group in self.param_groups:
@@ -344,8 +380,9 @@ class AveragingOptimizer(torch.optim.Optimizer):
         """torch's layout. Only parameters the optimizer rule has stepped carry an entry in ``"state"``, as in
         torch.optim (which reads a present entry as a live one); the averages of the others, which follow θ from
         the first step on, are kept under ``"fastavg"`` / ``"unstepped"``. Before the first step every parameter has
-        its entry, as a torch.optim optimizer has once torch.distributed.checkpoint initialised it: a fresh optimizer
-        is what ``dcp.load`` loads into (it fills only the entries it is given). With an averager, every param group also
+        its entry if it requires grad, as a torch.optim optimizer has once torch.distributed.checkpoint initialised it: a
+        fresh optimizer is what ``dcp.load`` loads into (it fills only the entries it is given); averages a loaded state
+        dict lacks start from θ (see :meth:`load_state_dict`). With an averager, every param group also
         carries ``"average_step"`` (the averaging step), which survives torch.distributed.checkpoint's
         ``get_optimizer_state_dict``/``set_optimizer_state_dict`` (they keep only ``"state"`` and ``"param_groups"``).
         Under FSDP2 the state entries and averages are DTensors, as torch.optim's."""
@@ -355,8 +392,11 @@ class AveragingOptimizer(torch.optim.Optimizer):
                 group[_AVERAGE_STEP_KEY] = self._average_step
         unstepped = {}
         fresh = self._average_step == 0
+        params = self._params()
         for index, entry in list(state["state"].items()):
-            if float(entry["step"]) == 0 and not fresh:
+            # A fresh optimizer lists what torch.distributed.checkpoint's initialisation would step: the parameters
+            # that require grad.
+            if float(entry["step"]) == 0 and not (fresh and params[index].requires_grad):
                 del state["state"][index]
                 averages = {name: value for name, value in entry.items() if name not in _OPTIMIZER_STATE_KEYS}
                 if averages and self._average_step > 0:
@@ -391,7 +431,10 @@ class AveragingOptimizer(torch.optim.Optimizer):
         """Load a fastavg or a ``torch.optim`` state dict; everything is checked before anything changes.
 
         Values are copied into the existing (fp32) state and average buffers. A plain ``torch.optim``
-        state dict leaves the averages and the averaging step as they are.
+        state dict leaves the averages and the averaging step as they are. A state dict with an averaging step but
+        without the averages of some parameters (never stepped: torch.distributed.checkpoint and torch.optim keep
+        no entry for them) starts those averages from θ, which a never-stepped parameter's averages follow.
+        ``capturable`` stays as the optimizer was built (it decides where the step counts live).
         """
         self._refuse_inside_swap("load_state_dict()")
         if not isinstance(state_dict, dict) or "param_groups" not in state_dict or "state" not in state_dict:
@@ -418,6 +461,13 @@ class AveragingOptimizer(torch.optim.Optimizer):
         copies = []
         entries = dict(state_dict["state"])
         unstepped = (extra or {}).get("unstepped", {})
+        # The saved averaging step, if the state dict has one (a plain torch.optim state dict has none).
+        if extra is not None:
+            average_step = int(extra["step"])
+        elif saved_groups and _AVERAGE_STEP_KEY in saved_groups[0]:
+            average_step = int(saved_groups[0][_AVERAGE_STEP_KEY])
+        else:
+            average_step = None
         for key in id_to_param:
             # A parameter without an entry has not been stepped (torch.optim's reading): fresh optimizer state;
             # its averages, if the state dict has them, are under "unstepped".
@@ -425,6 +475,11 @@ class AveragingOptimizer(torch.optim.Optimizer):
                 state = self.state[id_to_param[key]]
                 copies += [(state[name], torch.zeros(())) for name in _OPTIMIZER_STATE_KEYS if name in state]
                 entries[key] = unstepped.get(key, {})
+        # Averages the state dict has no values for, after a saved averaging step (torch.distributed.checkpoint
+        # drops "unstepped"; so does a round trip through torch.optim): a never-stepped parameter's averages
+        # follow θ, so they start from θ.
+        unseeded = [id_to_param[key] for key, entry in entries.items() if key in id_to_param and average_step
+                    and self.average is not None and not any(name.startswith(("average_", "lawa_")) for name in entry)]
         for key, entry in entries.items():
             if key not in id_to_param:
                 raise ValueError(f"state_dict has state for parameter {key}, which no param group lists")
@@ -454,6 +509,8 @@ class AveragingOptimizer(torch.optim.Optimizer):
         for group, saved in zip(self.param_groups, saved_groups):
             new_group = {**copy.deepcopy({k: v for k, v in saved.items() if k not in ("params", _AVERAGE_STEP_KEY)}),
                          "params": group["params"]}
+            if "capturable" in group:  # where the counts live was fixed when the optimizer was built
+                new_group["capturable"] = group["capturable"]
             for name, default in self.defaults.items():
                 new_group.setdefault(name, group.get(name, default))
             self._check_group(new_group)
@@ -462,10 +519,9 @@ class AveragingOptimizer(torch.optim.Optimizer):
             target.copy_(value)
         for group, new_group in zip(self.param_groups, new_groups):
             group.update(new_group)
-        if extra is not None:
-            self._average_step = int(extra["step"])
-        elif saved_groups and _AVERAGE_STEP_KEY in saved_groups[0]:
-            self._average_step = int(saved_groups[0][_AVERAGE_STEP_KEY])
+        if average_step is not None:
+            self._average_step = average_step
+        self._seed_averages(unseeded)
         self._after_load()
 
     def _after_load(self) -> None:

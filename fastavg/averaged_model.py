@@ -526,12 +526,15 @@ class AveragedModel(_TorchAveragedModel):
     def attach(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module | None = None):
         """Update from ``model`` (default: the model this was built from) after every ``optimizer.step()``.
 
-        Returns the hook's handle: ``handle.remove()`` detaches.
+        Returns a handle: ``handle.remove()`` detaches. A step inside ``swap_average()`` raises before the
+        optimizer changes anything (it would step the averaged weights, which the block then restores over).
         """
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         model = self._model_argument(model, "pass attach(optimizer, model)")
-        return optimizer.register_step_post_hook(lambda opt, args, kwargs: self.update_parameters(model))
+        return _Handles(
+            optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._refuse_inside_swap("optimizer.step()")),
+            optimizer.register_step_post_hook(lambda opt, args, kwargs: self.update_parameters(model)))
 
     # --- state dict and device moves -------------------------------------------------------------
     def _needs_fastavg_state(self) -> bool:
@@ -675,6 +678,23 @@ def _after_load(model: AveragedModel, incompatible_keys) -> None:
                     flat.copy_(saved[name].reshape(flat.shape))
     model._t = int(model.n_averaged)
     model._dirty = False
+
+
+class _Handles:
+    """The hooks ``attach`` registers, removed together (``remove()``, or as a context manager)."""
+
+    def __init__(self, *handles):
+        self._handles = handles
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
 
 
 def _fsdp_modules(model: torch.nn.Module) -> list:

@@ -5,8 +5,8 @@ pure function of ``t``, the number of ``optimizer.step()`` calls so far includin
 the only averaging counter an optimizer keeps is ``t`` itself. ``plan(t)`` turns ``t`` into an
 :class:`AveragePlan` that the reference and every kernel backend execute in the same way.
 
-Every average starts as a copy of the parameters when the optimizer is built and is kept in fp32
-(float64 for float64 parameters), whatever the parameter dtype.
+Every average starts as a copy of the parameters at the first step (parameters added later: when they are added)
+and is kept in fp32 (float64 for float64 parameters), whatever the parameter dtype.
 """
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _distributed, _segments
+from . import _backends, _distributed, _segments
 from ._common import compute_dtype
 from .reference import init_average_state
 
@@ -172,6 +172,15 @@ class Bucket:
             pinned, self._capture_table = self._capture_table, None
             return _segments.captured_table(rows, pinned, self.device)
         return _segments.table(rows, self.device)
+
+    # Pickled (and deep-copied) without what belongs to this process: the backend's ops, found again by name; the
+    # cached launches (addresses); pinned memory for a capture.
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "backend": self.backend.name, "_cache": None, "_capture_table": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.backend = _backends.resolve(state["backend"], self.device, self.dtype)
 
     # --- what the kernels address ------------------------------------------------------------------
     def local_param(self, i: int) -> torch.Tensor:

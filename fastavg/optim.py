@@ -338,6 +338,13 @@ class _FusedOptimizer(AveragingOptimizer):
             bucket.refresh_steps()
         self._average_step -= 1
 
+    def __getstate__(self) -> dict:
+        self._settle_counts()
+        state = super().__getstate__()
+        for name in ("_pending_amp", "_amp_host", "_amp", "_device_weights"):
+            state.pop(name, None)
+        return state
+
     def _settle_counts(self) -> None:
         """The host's counts brought up to date: a pending GradScaler skip, the device's averaging step."""
         self._settle_amp_step()

@@ -1,5 +1,6 @@
 """fastavg.AveragedModel against independent oracles: torch's AveragedModel, timm's ModelEmaV3, ema-pytorch's
 EMA and the averaging equations in float64, with the model trained by optimizers fastavg does not implement."""
+import copy
 import importlib.util
 import os
 import warnings
@@ -264,6 +265,26 @@ def test_attach_updates_after_every_step_of_any_optimizer(optimizer):
     handle.remove()
     _train_step(model, opt, 5)
     assert int(ours.n_averaged) == 4
+
+
+def test_attached_optimizer_cannot_step_inside_the_swap():
+    """The step would run on the averaged weights, which the block restores over: refused before it changes anything."""
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    ema = fastavg.AveragedModel(model, average=fastavg.EMA(0.9))
+    with ema.attach(opt):
+        _train_step(model, opt, 0)
+        before = copy.deepcopy(opt.state_dict())
+        with ema.swap_average(model):
+            model(torch.randn(3, 6)).sum().backward()
+            with pytest.raises(RuntimeError, match="optimizer.step\\(\\) was called inside"):
+                opt.step()
+    after = opt.state_dict()
+    assert after["state"][0]["step"] == before["state"][0]["step"]
+    assert torch.equal(after["state"][0]["exp_avg"], before["state"][0]["exp_avg"])
+    assert int(ema.n_averaged) == 1
+    _train_step(model, opt, 1)
+    assert int(ema.n_averaged) == 1, "the handle was removed on leaving the with block"
 
 
 def test_state_dict_round_trip_keeps_the_fp32_averages_and_loads_torch_state_dicts():

@@ -152,3 +152,103 @@ def test_mismatched_state_dict_raises_and_changes_nothing(impl):
     assert after["fastavg"] == snapshot["fastavg"]
     for key, value in snapshot["state"][0].items():
         assert torch.equal(after["state"][0][key], value)
+
+
+@pytest.mark.parametrize("averager", [a for a in AVERAGERS if a != "none"])
+@pytest.mark.parametrize("impl, backend", IMPLS)
+def test_a_param_group_added_later_starts_its_averages_from_its_weights(impl, backend, averager):
+    """As if the new parameters had been there all along with these weights; the fused optimizer as the reference."""
+    if backend == "cpu" and fastavg.backend_status()["cpu"]:
+        pytest.skip(fastavg.backend_status()["cpu"])
+    params, opt, _ = _build(impl, "adamw", averager, backend)
+    spec_params, spec, _ = _build(reference, "adamw", averager, None)
+    late, spec_late = make_params(9, torch.float32, seed=3), make_params(9, torch.float32, seed=3)
+    for step in range(3):
+        for ps, o in ((params, opt), (spec_params, spec)):
+            set_grads(ps, step)
+            o.step()
+    opt.add_param_group({"params": late})
+    spec.add_param_group({"params": spec_late})
+    torch.testing.assert_close(opt.averaged_parameters()[-1], late[0].detach(), rtol=1e-7, atol=0)  # LAWA: nθ/n
+    for step in range(3, 6):
+        for ps, o in ((params + late, opt), (spec_params + spec_late, spec)):
+            set_grads(ps, step)
+            o.step()
+    for ours, theirs in zip(opt.averaged_parameters(), spec.averaged_parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl, backend", IMPLS)
+@pytest.mark.parametrize("averager", ["none", "ema", "lawa", "belay"])
+def test_pickle_and_deepcopy_keep_everything(impl, backend, averager):
+    """torch.optim pickles only state and param groups; a fastavg optimizer keeps its averages and counts, and the
+    copy's state entries are views of the copy's own buffers."""
+    if backend == "cpu" and fastavg.backend_status()["cpu"]:
+        pytest.skip(fastavg.backend_status()["cpu"])
+    params, opt, _ = _build(impl, "adamw", averager, backend)
+    for step in range(3):
+        set_grads(params, step)
+        opt.step()
+    copies = [copy.deepcopy((params, opt)), _roundtrip((params, opt))]
+    for step in range(3, 5):
+        for ps, o in copies + [(params, opt)]:
+            set_grads(ps, step)
+            o.step()
+    for ps, o in copies:
+        assert o.state_dict()["fastavg"] == opt.state_dict()["fastavg"]
+        for p, q in zip(ps, params):
+            assert torch.equal(p, q)
+            for name, value in opt.state[q].items():
+                assert torch.equal(o.state[p][name], value), name
+        if averager != "none":
+            for a, b in zip(o.averaged_parameters(), opt.averaged_parameters()):
+                assert torch.equal(a, b)
+        assert o.state.averaging == (averager != "none")
+
+
+def test_averages_missing_from_a_state_dict_start_from_the_weights():
+    """A frozen parameter is never stepped: torch.optim keeps no entry for it, so a round trip through torch (or
+    torch.distributed.checkpoint) carries no averages for it; they start from θ again, and capturable stays."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    model[1].bias.requires_grad_(False)
+    opt = fastavg.AdamW(model.parameters(), lr=0.01, average=fastavg.EMA(0.9), capturable=True)
+    for step in range(3):
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    through_torch = torch.optim.AdamW(model.parameters())
+    through_torch.load_state_dict(copy.deepcopy(opt.state_dict()))
+    back = fastavg.AdamW(model.parameters(), average=fastavg.EMA(0.9))
+    back.load_state_dict(copy.deepcopy(through_torch.state_dict()))
+    assert back.state_dict()["fastavg"]["step"] == 3
+    assert back.param_groups[0]["capturable"] is False
+    for ours, theirs in zip(back.averaged_parameters(), opt.averaged_parameters()):
+        assert torch.equal(ours, theirs)
+
+
+def test_dcp_resumes_with_a_frozen_parameter(tmp_path):
+    """torch.distributed.checkpoint in one process: a fresh optimizer lists what DCP would step (the parameters that
+    require grad), so a checkpoint without the frozen parameter's entry loads, and its average is θ."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+        model[1].bias.requires_grad_(False)
+        return model, fastavg.AdamW(model.parameters(), lr=0.01, average=fastavg.EMA(0.9))
+
+    saved_model, saved = build()
+    for step in range(3):
+        saved_model(torch.randn(2, 4)).sum().backward()
+        saved.step()
+        saved.zero_grad()
+    dcp.save({"optim": get_optimizer_state_dict(saved_model, saved)}, checkpoint_id=str(tmp_path))
+    model, resumed = build()
+    model.load_state_dict(saved_model.state_dict())
+    state = {"optim": get_optimizer_state_dict(model, resumed)}
+    dcp.load(state, checkpoint_id=str(tmp_path))
+    set_optimizer_state_dict(model, resumed, state["optim"])
+    assert resumed.state_dict()["fastavg"]["step"] == 3
+    for ours, theirs in zip(resumed.averaged_parameters(), saved.averaged_parameters()):
+        assert torch.equal(ours, theirs)
