@@ -75,6 +75,10 @@ if [[ $gpu == 1 ]]; then
   step build 300 env FASTAVG_BUILD_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}" "$PYTHON" setup.py build_ext --inplace
   step gpu_tests 240 "$PYTHON" -m pytest -q -x tests/test_cuda.py tests/test_triton.py tests/test_triton_compile.py \
     tests/test_buffers.py tests/test_api.py
+  # What only a GPU checks: CUDA-graph capture and replay of a training step, GradScaler's deferred found_inf read,
+  # AveragedModel's pinned CPU offload.
+  step gpu_only_tests 120 "$PYTHON" -m pytest -q tests/test_capturable.py tests/test_grad_scaler.py \
+    tests/test_averaged_model.py -k "cuda or offload"
   if command -v compute-sanitizer >/dev/null; then
     step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 1 "$PYTHON" -m pytest -q -x tests/test_cuda.py \
       -k "misaligned or more_rows or empty or graph"
