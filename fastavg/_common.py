@@ -245,8 +245,9 @@ class AveragingOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _seed_averages(self, params) -> None:
-        """The averages of parameters that join after the first step (a param group added later, or parameters a
-        loaded state dict has no averages for) start from θ as it is now, as if θ had been there all along: every
+        """Averages start from θ as it is now: at the first step (the reference optimizers; the fused ones seed their
+        flat buffers at once), and for parameters that join after it (a param group added later, or parameters a
+        loaded state dict has no averages for), as if θ had been there all along: every
         average (BEMA's θ₀ and θ_u too) is θ, BELAY's velocity 0, LAWA's snapshots so far are θ."""
         average = self.average
         if average is None:
@@ -478,8 +479,8 @@ class AveragingOptimizer(torch.optim.Optimizer):
         # Averages the state dict has no values for, after a saved averaging step (torch.distributed.checkpoint
         # drops "unstepped"; so does a round trip through torch.optim): a never-stepped parameter's averages
         # follow θ, so they start from θ.
-        unseeded = [id_to_param[key] for key, entry in entries.items() if key in id_to_param and average_step
-                    and self.average is not None and not any(name.startswith(("average_", "lawa_")) for name in entry)]
+        unseeded = [id_to_param[key] for key, entry in entries.items() if key in id_to_param
+                    and not any(name.startswith(("average_", "lawa_")) for name in entry)] if average_step else []
         for key, entry in entries.items():
             if key not in id_to_param:
                 raise ValueError(f"state_dict has state for parameter {key}, which no param group lists")

@@ -157,7 +157,7 @@ class Bucket:
         self.lr_device = torch.zeros(1, dtype=self.state_dtype, device=self.device) if capturable else None
         # capturable on a GPU: pinned memory for a segment table built during a CUDA graph capture (new gradients
         # after zero_grad(set_to_none=True)); made by prepare_capture() at the eager steps before it.
-        self._capture_rows = max(sum(len(_segments.rows(t, None, 0)) for t in local),
+        self._capture_rows = max(sum(-(-t.numel() // _segments.ROW_NUMEL) for t in local),
                                  -(-self.numel // _segments.ROW_NUMEL)) if capturable else 0
         self._capture_table = None
 

@@ -319,7 +319,7 @@ class _FusedOptimizer(AveragingOptimizer):
         if float(host) != 0.0:
             self._undo_step(stepped)
 
-    def _undo_step_on_device(self, amp: "_AmpStep") -> None:
+    def _undo_step_on_device(self, amp: _AmpStep) -> None:
         """capturable=True: the step's counts less found_inf (1 if the step was skipped), on the device."""
         for bucket, indices in amp.stepped:
             found_inf = amp.on(bucket.device)[1]

@@ -205,10 +205,8 @@ class _ReferenceOptimizer(AveragingOptimizer):
     def step(self, closure=None):
         """One optimizer step and the averaging that goes with it (the module docstring gives the order)."""
         loss = self._begin_step(closure)
-        if self._average_step == 0 and self.average is not None:
-            for p in self._params():
-                for k in range(self.average.num_averages):
-                    self.state[p][f"average_{k}"].copy_(p.detach())
+        if self._average_step == 0:
+            self._seed_averages(self._params())
         plan = self._advance_average_step()
         kwargs = average_kwargs(self.average)
         for group in self.param_groups:

@@ -328,6 +328,5 @@ def test_cuda_graph_capture_refusals():
                        (fastavg.AdamW(model.parameters(), average=fastavg.EMA(0.9), capturable=True), "warm-up")):
         model(x).sum().backward()
         torch.cuda.synchronize()
-        with pytest.raises(RuntimeError, match=match):
-            with torch.cuda.graph(torch.cuda.CUDAGraph()):
-                opt.step()
+        with pytest.raises(RuntimeError, match=match), torch.cuda.graph(torch.cuda.CUDAGraph()):
+            opt.step()
